@@ -1,0 +1,273 @@
+"""Typed configuration, validated once at load; errors name the YAML file, line and path."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+from gateway.yamlsrc import Loc, YamlDocument, YamlSyntaxError, format_loc
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Model):
+    id: Name = "gw01"
+    shutdown_timeout_s: PositiveFloat = 4.0
+
+
+class SourceConfig(_Model):
+    name: Name
+    endpoint: str = Field(pattern=r"^opc\.tcp://")
+    poll_interval_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 100
+    timeout_s: PositiveFloat = 4.0
+    reconnect_min_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+
+
+class TagConfig(_Model):
+    name: Name
+    node_id: str = Field(min_length=3)
+    unit: str = ""
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    offset: float = Field(default=0.0, allow_inf_nan=False)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id_syntax(cls, v: str) -> str:
+        if not re.match(r"^(ns=\d+;)?[isgb]=.+$", v):
+            raise ValueError("must look like 'ns=2;s=Pump01.Temp', 'ns=2;i=1001' or 'i=2258'")
+        return v
+
+
+class WindowConfig(_Model):
+    length: Annotated[int, Field(ge=2, le=100_000)]
+    hop: Annotated[int, Field(ge=1, le=100_000)]
+
+
+class AssetConfig(_Model):
+    name: Name
+    source: Name
+    sample_rate_hz: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] = 10.0
+    window: WindowConfig
+    # How long a Bad/NaN tag may hold its last good value before the window is invalid.
+    max_gap_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    tags: list[TagConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_tags(self) -> AssetConfig:
+        names = [t.name for t in self.tags]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate tag names: {', '.join(dup)}")
+        return self
+
+
+class ModelConfig(_Model):
+    name: Name
+    path: Path
+    manifest: Path | None = None
+    assets: list[Name] = Field(min_length=1)
+    # Cap on windows per inference call; windows due in the same tick beyond it wait for the next call.
+    max_batch: Annotated[int, Field(ge=1, le=4096)] = 256
+
+
+class AlarmRuleConfig(_Model):
+    name: Name
+    model: Name
+    # Which model value: "score" (anomaly), "rul", or a class name for classifiers.
+    output: str = "score"
+    # Raise when value >= high (direction above) or <= high (direction below, e.g. RUL).
+    high: float | None = Field(default=None, allow_inf_nan=False)
+    low: float | None = Field(default=None, allow_inf_nan=False)
+    direction: Literal["above", "below"] = "above"
+    on_delay: Annotated[int, Field(ge=1, le=10_000)] = 1
+    severity: Severity = "high"
+    assets: list[Name] | None = None
+
+
+class StorageConfig(_Model):
+    path: Path = Path("gateway.db")
+    # Scores are for tuning; keep every Nth window's scores only if disk is tight.
+    store_scores: bool = True
+
+
+class TlsConfig(_Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Only for test brokers whose certificate does not match the host name.
+    insecure_skip_verify: bool = False
+
+
+class MqttConfig(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    client_id: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    site: Name = "site"
+    topic_prefix: str = "edge"
+    alarm_topic: str = "{prefix}/{site}/{asset}/alarm"
+    status_topic: str = "{prefix}/{site}/{gateway_id}/status"
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    publish_timeout_s: PositiveFloat = 10.0
+    tls: TlsConfig | None = None
+    username: str | None = None
+    # The password never lives in the YAML: name an environment variable or a file.
+    password_env: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("alarm_topic")
+    @classmethod
+    def _alarm_fields(cls, v: str) -> str:
+        _check_template(v, {"prefix", "site", "gateway_id", "asset", "rule", "severity"})
+        if "{asset}" not in v:
+            raise ValueError("must contain {asset} so each asset has its own topic")
+        return v
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_fields(cls, v: str) -> str:
+        _check_template(v, {"prefix", "site", "gateway_id"})
+        return v
+
+    def password(self) -> str | None:
+        """The broker password from the environment or a file, or None when not configured."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError([f"mqtt.password_env: environment variable {self.password_env} is not set"])
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError([f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}"]) from exc
+        return None
+
+
+def _check_template(template: str, allowed: set[str]) -> None:
+    fields = set(re.findall(r"{([^{}]*)}", template))
+    unknown = fields - allowed
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if any(c in template for c in "#+"):
+        raise ValueError("MQTT topics to publish to must not contain wildcards '#' or '+'")
+
+
+class GatewayConfig(_Model):
+    """The whole YAML file."""
+
+    gateway: GatewaySection = GatewaySection()
+    sources: list[SourceConfig] = Field(min_length=1)
+    assets: list[AssetConfig] = Field(min_length=1)
+    models: list[ModelConfig] = Field(default_factory=list)
+    alarms: list[AlarmRuleConfig] = Field(default_factory=list)
+    storage: StorageConfig = StorageConfig()
+    mqtt: MqttConfig = MqttConfig()
+
+    def asset(self, name: str) -> AssetConfig:
+        """The asset called `name` (validated to exist)."""
+        return next(a for a in self.assets if a.name == name)
+
+
+def _cross_check(cfg: GatewayConfig) -> list[tuple[Loc, str]]:
+    """References between sections: every name used must be defined, once."""
+    problems: list[tuple[Loc, str]] = []
+
+    def unique(section: str, items: list[Any]) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append(((section, i, "name"), f"duplicate name {item.name!r}"))
+            seen.add(item.name)
+
+    unique("sources", cfg.sources)
+    unique("assets", cfg.assets)
+    unique("models", cfg.models)
+    unique("alarms", cfg.alarms)
+    sources = {s.name for s in cfg.sources}
+    assets = {a.name for a in cfg.assets}
+    models = {m.name: m for m in cfg.models}
+    for i, a in enumerate(cfg.assets):
+        if a.source not in sources:
+            problems.append((("assets", i, "source"), f"unknown source {a.source!r}; defined: {sorted(sources)}"))
+        if a.window.hop > a.window.length:
+            problems.append((("assets", i, "window", "hop"), "hop must not exceed window length"))
+    for i, m in enumerate(cfg.models):
+        for j, name in enumerate(m.assets):
+            if name not in assets:
+                problems.append((("models", i, "assets", j), f"unknown asset {name!r}; defined: {sorted(assets)}"))
+    for i, r in enumerate(cfg.alarms):
+        model = models.get(r.model)
+        if model is None:
+            problems.append((("alarms", i, "model"), f"unknown model {r.model!r}; defined: {sorted(models)}"))
+            continue
+        for j, name in enumerate(r.assets or []):
+            if name not in model.assets:
+                problems.append((("alarms", i, "assets", j), f"asset {name!r} is not served by model {r.model!r}"))
+        if r.high is not None and r.low is not None:
+            wrong = r.low > r.high if r.direction == "above" else r.low < r.high
+            if wrong:
+                rel = "<=" if r.direction == "above" else ">="
+                problems.append((("alarms", i, "low"), f"low must be {rel} high for direction {r.direction}"))
+    return problems
+
+
+def _describe_input(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f" (got {value})"
+    return f" (got {value!r})"
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    """Load, validate and cross-check a YAML config; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        doc = YamlDocument.from_path(path)
+    except YamlSyntaxError as exc:
+        raise ConfigError([str(exc)]) from exc
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{path}:1 the file must be a YAML mapping with sources, assets, ..."])
+    try:
+        cfg = GatewayConfig.model_validate(doc.data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{doc.where(loc)}: {msg}{_describe_input(err.get('input'))}")
+        raise ConfigError(problems) from exc
+    issues = _cross_check(cfg)
+    if issues:
+        raise ConfigError([f"{doc.where(loc)}: {msg}" for loc, msg in issues])
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    models = [
+        m.model_copy(update={"path": rel(m.path) or m.path, "manifest": rel(m.manifest) or m.manifest})
+        for m in cfg.models
+    ]
+    storage = cfg.storage.model_copy(update={"path": rel(cfg.storage.path) or cfg.storage.path})
+    return cfg.model_copy(update={"models": models, "storage": storage})
+
+
+__all__ = ["GatewayConfig", "load_config", "format_loc"]

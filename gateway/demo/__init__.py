@@ -1,0 +1,1 @@
+"""The simulated pump plant, demo orchestration and the shipped demo model."""

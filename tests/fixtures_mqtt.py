@@ -1,0 +1,1 @@
+"""MQTT test fixtures (mosquitto on a free loopback port)."""

@@ -1,0 +1,1 @@
+"""OPC-UA test fixtures (simulated PLC)."""
