@@ -120,6 +120,9 @@ class MqttConfig(_Model):
     topic_prefix: str = "edge"
     alarm_topic: str = "{prefix}/{site}/{asset}/alarm"
     status_topic: str = "{prefix}/{site}/{gateway_id}/status"
+    # Per-window model outputs for trending in SCADA; off by default (high volume, droppable).
+    publish_scores: bool = False
+    score_topic: str = "{prefix}/{site}/{asset}/score"
     qos: Literal[0, 1, 2] = 1
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     publish_timeout_s: PositiveFloat = 10.0
@@ -135,6 +138,12 @@ class MqttConfig(_Model):
         _check_template(v, {"prefix", "site", "gateway_id", "asset", "rule", "severity"})
         if "{asset}" not in v:
             raise ValueError("must contain {asset} so each asset has its own topic")
+        return v
+
+    @field_validator("score_topic")
+    @classmethod
+    def _score_fields(cls, v: str) -> str:
+        _check_template(v, {"prefix", "site", "gateway_id", "asset", "model"})
         return v
 
     @field_validator("status_topic")
@@ -267,7 +276,15 @@ def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         for m in cfg.models
     ]
     storage = cfg.storage.model_copy(update={"path": rel(cfg.storage.path) or cfg.storage.path})
-    return cfg.model_copy(update={"models": models, "storage": storage})
+    tls = cfg.mqtt.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={k: rel(getattr(tls, k)) or getattr(tls, k) for k in ("ca_file", "cert_file", "key_file")}
+        )
+    mqtt = cfg.mqtt.model_copy(
+        update={"password_file": rel(cfg.mqtt.password_file) or cfg.mqtt.password_file, "tls": tls}
+    )
+    return cfg.model_copy(update={"models": models, "storage": storage, "mqtt": mqtt})
 
 
 __all__ = ["GatewayConfig", "load_config", "format_loc"]

@@ -34,13 +34,12 @@ def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            out[(*loc, key)] = key_node.start_mark.line + 1
-            _index_lines(value_node, (*loc, key), out)
+            _index_lines(value_node, loc + (key,), out)
             # The key's own line is more useful than the value's for a block mapping or list.
-            out[(*loc, key)] = key_node.start_mark.line + 1
+            out[loc + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, (*loc, i), out)
+            _index_lines(item, loc + (i,), out)
 
 
 class YamlDocument:
