@@ -215,6 +215,10 @@ def _cross_check(cfg: GatewayConfig) -> list[tuple[Loc, str]]:
             problems.append((("assets", i, "source"), f"unknown source {a.source!r}; defined: {sorted(sources)}"))
         if a.window.hop > a.window.length:
             problems.append((("assets", i, "window", "hop"), "hop must not exceed window length"))
+    used = {a.source for a in cfg.assets}
+    for i, s in enumerate(cfg.sources):
+        if s.name not in used:
+            problems.append((("sources", i, "name"), f"source {s.name!r} is not used by any asset"))
     for i, m in enumerate(cfg.models):
         for j, name in enumerate(m.assets):
             if name not in assets:

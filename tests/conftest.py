@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -20,3 +22,15 @@ def free_port() -> int:
 def port() -> int:
     """A free loopback port."""
     return free_port()
+
+
+async def wait_for_condition(
+    pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `pred` on the loop until it holds; AssertionError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(0.01)

@@ -1,1 +1,131 @@
-"""MQTT test fixtures (mosquitto on a free loopback port)."""
+"""MQTT test fixtures (mosquitto on a free loopback port), a collecting subscriber, shared helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.alarms import AlarmEvent, EventType
+from gateway.demo.broker import MosquittoBroker, find_mosquitto
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A running mosquitto on a free loopback port, stopped at teardown."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    with MosquittoBroker(free_port(), workdir=tmp_path / "mosquitto") as broker:
+        yield broker
+
+
+def make_event(
+    n: int, event: EventType = "raised", *, asset: str = "pump01", value: float = 2.5
+) -> AlarmEvent:
+    """Alarm occurrence `n`'s raise or clear, with fixed, recognisable field values."""
+    alarm_id = f"gw01-{asset}-hi-{n}"
+    return AlarmEvent(
+        alarm_id=alarm_id, event_id=f"{alarm_id}:{event}", event=event, gateway_id="gw01", asset=asset,
+        rule="hi", kind="anomaly_score", output="score", severity="high", value=value, threshold=1.0,
+        model="ae", model_version="1.2.0", first_abnormal_source_ts_ns=1_700_000_000_123_456_789 + n,
+        decided_at_ns=1_700_000_001_000_000_000 + n,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message a Subscriber saw."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Subscriber:
+    """A real paho client that subscribes to `topic` and collects messages (thread-safe)."""
+
+    def __init__(
+        self, port: int, topic: str = "#", *, qos: int = 1, client_id: str = "", session_expiry_s: int = 0
+    ) -> None:
+        self._port = port
+        self._topic = topic
+        self._qos = qos
+        self._session_expiry_s = session_expiry_s
+        self._messages: list[Received] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
+    def __enter__(self) -> Subscriber:
+        # A session expiry > 0 makes the broker queue QoS 1 messages for this client id while it is away.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        clean = self._session_expiry_s == 0
+        self._client.connect("127.0.0.1", self._port, keepalive=30, clean_start=clean, properties=props)
+        self._client.loop_start()
+        if not self._subscribed.wait(10):
+            self.__exit__(None, None, None)
+            raise AssertionError(f"subscriber got no SUBACK for {self._topic}")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
+    ) -> None:
+        client.subscribe(self._topic, qos=self._qos)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, rcs: object, props: object
+    ) -> None:
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self._messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            self._cond.notify_all()
+
+    @property
+    def messages(self) -> list[Received]:
+        """A snapshot of what has arrived so far."""
+        with self._cond:
+            return list(self._messages)
+
+    def wait_for(
+        self, until: int | Callable[[list[Received]], bool], timeout: float = 10.0
+    ) -> list[Received]:
+        """Block until `until` messages arrived (int) or until(messages) holds; AssertionError on timeout."""
+        pred = until if callable(until) else (lambda msgs: len(msgs) >= until)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred(self._messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"condition not met within {timeout} s; received {self._messages}")
+                self._cond.wait(left)
+            return list(self._messages)
+
+    async def await_for(
+        self, until: int | Callable[[list[Received]], bool], timeout: float = 10.0
+    ) -> list[Received]:
+        """wait_for without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_for, until, timeout)

@@ -70,8 +70,9 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
 
 
 def test_unknown_reference_names_the_choices(tmp_path: Path) -> None:
-    [msg] = problems(tmp_path, VALID.replace("source: plc1", "source: plc2"))
-    assert ":6 assets[0].source: unknown source 'plc2'; defined: ['plc1']" in msg
+    unknown, unused = problems(tmp_path, VALID.replace("source: plc1", "source: plc2"))
+    assert ":6 assets[0].source: unknown source 'plc2'; defined: ['plc1']" in unknown
+    assert ":2 sources[0].name: source 'plc1' is not used by any asset" in unused
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:

@@ -1,0 +1,299 @@
+"""The composition root: builds every stage from the config, owns every task, shuts down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway import __version__
+from gateway.alarms import AlarmEngine, build_rules
+from gateway.config import GatewayConfig
+from gateway.errors import PublishError
+from gateway.inference.worker import InferenceWorker
+from gateway.latest import LatestValues
+from gateway.metrics import LatencyReservoir
+from gateway.models import LoadedModel, load_manifests, load_models
+from gateway.sinks.mqtt import (
+    MqttPublisher,
+    alarm_payload,
+    alarm_topic,
+    drain_outbox,
+    iso_utc,
+    score_payload,
+    score_topic,
+)
+from gateway.sources.opcua import OpcUaPollSource, SourceTag
+from gateway.store import Store
+from gateway.tasks import Supervisor
+from gateway.windows import AssetSampler, Window
+
+logger = logging.getLogger(__name__)
+
+# Windows waiting for inference per model; beyond this the oldest are dropped (latest state matters).
+WINDOW_QUEUE_SIZE = 4096
+SCORE_QUEUE_SIZE = 4096
+
+
+@dataclass
+class WindowQueue:
+    """Due windows of one model, drained in one batch per inference call; overflow drops oldest."""
+
+    windows: deque[Window] = field(default_factory=lambda: deque(maxlen=WINDOW_QUEUE_SIZE))
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped: int = 0
+
+    def put(self, window: Window) -> None:
+        """Queue a window and wake the model's inference task."""
+        if len(self.windows) == self.windows.maxlen:
+            self.dropped += 1
+        self.windows.append(window)
+        self.ready.set()
+
+    def take(self, n: int) -> list[Window]:
+        """Up to n queued windows, oldest first."""
+        batch = [self.windows.popleft() for _ in range(min(n, len(self.windows)))]
+        if not self.windows:
+            self.ready.clear()
+        return batch
+
+
+@dataclass
+class Counters:
+    """Pipeline counters reported in status and read by the benchmark."""
+
+    ticks: int = 0
+    missed_ticks: int = 0
+    windows_inferred: int = 0
+    inference_calls: int = 0
+    alarm_events: int = 0
+    scores_published: int = 0
+    scores_dropped: int = 0
+
+
+class Gateway:
+    """One gateway: sources -> samplers -> inference -> alarms -> store/outbox -> MQTT."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.started_at = iso_utc(time.time_ns())
+        self.counters = Counters()
+        self.latency = LatencyReservoir()
+        n_tags = sum(len(a.tags) for a in cfg.assets)
+        self.latest = LatestValues(n_tags)
+        self.samplers: dict[str, AssetSampler] = {}
+        source_tags: dict[str, list[SourceTag]] = {s.name: [] for s in cfg.sources}
+        next_index = 0
+        for asset in cfg.assets:
+            idx = np.arange(next_index, next_index + len(asset.tags))
+            next_index += len(asset.tags)
+            self.samplers[asset.name] = AssetSampler(asset, idx, self.latest)
+            source_tags[asset.source].extend(SourceTag(int(i), t.node_id) for i, t in zip(idx, asset.tags, strict=True))
+        self.sources = [OpcUaPollSource(s, source_tags[s.name], self.latest) for s in cfg.sources]
+        self.store = Store(cfg.storage.path)
+        self.publisher = MqttPublisher(
+            cfg.mqtt, gateway_id=cfg.gateway.id, version=__version__, started_at=self.started_at
+        )
+        self.worker = InferenceWorker()
+        self.models: dict[str, LoadedModel] = {}
+        self.queues: dict[str, WindowQueue] = {}
+        self.engine: AlarmEngine | None = None
+        self.outbox_wake = asyncio.Event()
+        self.scores_out: asyncio.Queue[tuple[str, bytes, int]] = asyncio.Queue(SCORE_QUEUE_SIZE)
+        self.supervisor = Supervisor()
+        self._models_of_asset: dict[str, list[str]] = {a.name: [] for a in cfg.assets}
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self._sampler_tasks: list[asyncio.Task[None]] = []
+        self._inference_tasks: list[asyncio.Task[None]] = []
+        self._score_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store, load models, connect MQTT, start acquisition and the pipeline tasks."""
+        await self.store.start()
+        manifests = await self.worker.call(load_manifests, self.cfg)
+        self.models = await self.worker.call(load_models, self.cfg, manifests)
+        self.engine = AlarmEngine(build_rules(self.cfg, manifests), gateway_id=self.cfg.gateway.id)
+        for name, model in self.models.items():
+            self.queues[name] = WindowQueue()
+            for asset in model.columns:
+                self._models_of_asset[asset].append(name)
+        await self.publisher.start()
+        sup = self.supervisor
+        self._source_tasks = [sup.spawn(s.run(), f"source:{s.cfg.name}") for s in self.sources]
+        # Give each PLC one connect timeout, so the first windows are not all warm-up skips; a PLC
+        # that is down does not hold the gateway back (its tags are Bad until it comes back).
+        await asyncio.gather(*(s.wait_connected(s.cfg.timeout_s) for s in self.sources))
+        rates = sorted({a.sample_rate_hz for a in self.cfg.assets})
+        self._sampler_tasks = [sup.spawn(self._sample_loop(r), f"sampler:{r:g}Hz") for r in rates]
+        self._inference_tasks = [
+            sup.spawn(self._infer_loop(m), f"inference:{n}") for n, m in self.models.items()
+        ]
+        sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
+        self._score_task = (
+            sup.spawn(self._publish_scores(), "scores") if self.cfg.mqtt.publish_scores else None
+        )
+        logger.info(
+            "gateway %s started: %d source(s), %d asset(s), %d tag(s), %d model(s)",
+            self.cfg.gateway.id,
+            len(self.sources),
+            len(self.samplers),
+            len(self.latest),
+            len(self.models),
+        )
+
+    async def run(self, shutdown: asyncio.Event) -> int:
+        """Start, run until `shutdown` is set or a stage fails, then stop; returns an exit code."""
+        try:
+            await self.start()
+            stop = asyncio.ensure_future(shutdown.wait())
+            failed = asyncio.ensure_future(self.supervisor.failed.wait())
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+            for f in (stop, failed):
+                f.cancel()
+            await asyncio.gather(stop, failed, return_exceptions=True)
+        finally:
+            await self.stop()
+        return 0 if self.supervisor.failure is None else 3
+
+    async def stop(self) -> None:
+        """Stop in pipeline order: sources, samplers, inference, outbox, MQTT, SQLite last."""
+        timeout = self.cfg.gateway.shutdown_timeout_s
+        deadline = time.monotonic() + timeout
+        sup = self.supervisor
+        for task in (*self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
+            await sup.cancel(task, max(0.1, deadline - time.monotonic()))
+        # One last bounded attempt to hand stored alarm events to the broker; what is left stays
+        # in the outbox and goes out after the next start.
+        await sup.close(max(0.1, min(1.0, deadline - time.monotonic())))
+        await self.publisher.stop(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+        await self.store.stop(timeout=max(0.5, deadline - time.monotonic()))
+        self.worker.close()
+        logger.info("gateway %s stopped", self.cfg.gateway.id)
+
+    async def _sample_loop(self, rate_hz: float) -> None:
+        """Tick every sampler of this rate on a fixed monotonic schedule; missed ticks are skipped."""
+        samplers = [self.samplers[a.name] for a in self.cfg.assets if a.sample_rate_hz == rate_hz]
+        period_ns = int(1e9 / rate_hz)
+        next_ns = time.monotonic_ns()
+        while True:
+            now = time.monotonic_ns()
+            if now - next_ns >= period_ns:
+                missed = (now - next_ns) // period_ns
+                self.counters.missed_ticks += int(missed)
+                next_ns += missed * period_ns
+            self.counters.ticks += 1
+            for sampler in samplers:
+                window = sampler.sample(now)
+                if window is not None:
+                    for model in self._models_of_asset[window.asset]:
+                        self.queues[model].put(window)
+            next_ns += period_ns
+            await asyncio.sleep(max(0.0, (next_ns - time.monotonic_ns()) / 1e9))
+
+    async def _infer_loop(self, model: LoadedModel) -> None:
+        """Batch every queued window of one model into one backend call; decide and store results."""
+        queue = self.queues[model.cfg.name]
+        assert self.engine is not None
+        while True:
+            await queue.ready.wait()
+            windows = queue.take(model.cfg.max_batch)
+            if not windows:
+                continue
+            batch = np.stack([w.data[:, model.columns[w.asset]] for w in windows])
+            outputs = await self.worker.call(model.backend.run, model.normalizer.apply(batch))
+            values = model.manifest.values(outputs)
+            self.counters.inference_calls += 1
+            self.counters.windows_inferred += len(windows)
+            await self._decide(model, windows, values)
+
+    async def _decide(self, model: LoadedModel, windows: list[Window], values: np.ndarray) -> None:
+        assert self.engine is not None
+        now_ns = time.time_ns()
+        names = model.manifest.value_names()
+        version = model.manifest.version
+        if self.cfg.storage.store_scores:
+            self.store.add_scores(
+                [
+                    (now_ns, w.asset, model.cfg.name, version, name, float(v))
+                    for w, row in zip(windows, values, strict=True)
+                    for name, v in zip(names, row, strict=True)
+                ]
+            )
+        for w, row in zip(windows, values, strict=True):
+            for event in self.engine.decide(
+                model.cfg.name, w.asset, row, source_ts_ns=w.end_source_ts_ns, now_ns=now_ns
+            ):
+                topic = alarm_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, event=event)
+                # Durable before published: the outbox task sends it only once it is committed.
+                await self.store.add_alarm_event(event, topic, alarm_payload(event, site=self.cfg.mqtt.site))
+                self.counters.alarm_events += 1
+                self.outbox_wake.set()
+                logger.warning(
+                    "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
+                    event.alarm_id,
+                    event.event,
+                    event.asset,
+                    event.rule,
+                    event.value,
+                    event.threshold,
+                )
+            if self._score_task is not None:
+                self._queue_score(model, w, names, row, now_ns)
+
+    def _queue_score(self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int) -> None:
+        topic = score_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, asset=w.asset, model=model.cfg.name)
+        payload = score_payload(
+            asset=w.asset,
+            model=model.cfg.name,
+            model_version=model.manifest.version,
+            values={n: float(v) for n, v in zip(names, row, strict=True)},
+            source_ts_ns=w.end_source_ts_ns,
+            decided_at_ns=now_ns,
+        )
+        if self.scores_out.full():  # DROP_OLDEST: the newest scores matter most
+            self.scores_out.get_nowait()
+            self.counters.scores_dropped += 1
+        self.scores_out.put_nowait((topic, payload, w.end_recv_ns))
+
+    async def _publish_scores(self) -> None:
+        """Publish per-window scores; each latency is acquisition of the newest sample to PUBACK."""
+        while True:
+            items = [await self.scores_out.get()]
+            while not self.scores_out.empty() and len(items) < 256:
+                items.append(self.scores_out.get_nowait())
+            results = await asyncio.gather(
+                *(self.publisher.publish(t, p, qos=self.cfg.mqtt.qos) for t, p, _ in items),
+                return_exceptions=True,
+            )
+            done_ns = time.monotonic_ns()
+            for (_, _, recv_ns), result in zip(items, results, strict=True):
+                if isinstance(result, PublishError):
+                    self.counters.scores_dropped += 1
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    self.counters.scores_published += 1
+                    self.latency.add((done_ns - recv_ns) / 1e9)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of every stage's counters, for logs, health and the benchmark."""
+        return {
+            "gateway_id": self.cfg.gateway.id,
+            "version": __version__,
+            "started_at": self.started_at,
+            "counters": vars(self.counters).copy(),
+            "sources": {s.cfg.name: vars(s.stats).copy() for s in self.sources},
+            "assets": {
+                name: {"samples": s.samples, "windows": s.windows_emitted, "skips": dict(s.skips)}
+                for name, s in self.samplers.items()
+            },
+            "window_queue_dropped": {n: q.dropped for n, q in self.queues.items()},
+            "active_alarms": len(self.engine.active()) if self.engine else 0,
+            "store": vars(self.store.stats).copy(),
+            "mqtt": vars(self.publisher.stats).copy(),
+        }

@@ -1,0 +1,127 @@
+"""`edge-gateway bench`: acquisition, inference and publish figures on this device, in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from gateway.config import load_config
+from gateway.demo.broker import MosquittoBroker, find_mosquitto
+from gateway.demo.run import demo_config, free_port, simulator_process, write_config
+from gateway.demo.signals import TAGS
+from gateway.errors import GatewayError
+
+# Windows need window.length samples before the first inference; measure after they are full.
+WARMUP_S = 5.0
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _counter_totals(status: dict[str, Any]) -> tuple[int, int]:
+    values = sum(int(s["values"]) for s in status["sources"].values())
+    return values, int(status["counters"]["windows_inferred"])
+
+
+async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    """Run simulator (own process), broker and gateway (this process); return the figures."""
+    from gateway.app import Gateway
+
+    pumps = math.ceil(tags / len(TAGS))
+    opc_port, mqtt_port = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(MosquittoBroker(mqtt_port, workdir=workdir / "mosquitto"))
+        sim = stack.enter_context(simulator_process(opc_port, pumps=pumps, rate_hz=hz, extra=["--no-fault"]))
+        cfg_dict = demo_config(
+            opc_port=opc_port, mqtt_port=mqtt_port, db_path=workdir / "bench.db", pumps=pumps
+        )
+        cfg_dict["sources"][0]["poll_interval_ms"] = max(10, round(1000 / hz))
+        for asset in cfg_dict["assets"]:
+            asset["sample_rate_hz"] = hz
+        cfg = load_config(write_config(cfg_dict, workdir / "config.yaml"))
+        gateway = Gateway(cfg)
+        shutdown = asyncio.Event()
+        task = asyncio.ensure_future(gateway.run(shutdown))
+        try:
+            await asyncio.wait({task}, timeout=WARMUP_S)
+            if task.done():
+                raise GatewayError(f"gateway stopped during warm-up: {task.exception() or task.result()}")
+            me, sim_proc, broker_proc = psutil.Process(), psutil.Process(sim.pid), psutil.Process(broker.pid)
+            gateway.latency.clear()
+            values0, windows0 = _counter_totals(gateway.status())
+            cpu0, sim0, brk0 = _cpu_seconds(me), _cpu_seconds(sim_proc), _cpu_seconds(broker_proc)
+            t0 = time.monotonic()
+            await asyncio.wait({task}, timeout=seconds)
+            elapsed = time.monotonic() - t0
+            values1, windows1 = _counter_totals(gateway.status())
+            cpu1, sim1, brk1 = _cpu_seconds(me), _cpu_seconds(sim_proc), _cpu_seconds(broker_proc)
+            status = gateway.status()
+        finally:
+            shutdown.set()
+            await task
+    n_tags = pumps * len(TAGS)
+    p50, p99 = gateway.latency.percentile(50), gateway.latency.percentile(99)
+    return {
+        "tags": n_tags,
+        "hz": hz,
+        "seconds": round(elapsed, 2),
+        "values_per_s": round((values1 - values0) / elapsed, 1),
+        "delivered_fraction": round((values1 - values0) / (n_tags * hz * elapsed), 5),
+        "windows_per_s": round((windows1 - windows0) / elapsed, 1),
+        "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
+        "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2),
+        "latency_samples": len(gateway.latency),
+        "cpu_percent": round(100 * (cpu1 - cpu0) / elapsed, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "plc_cpu_percent": round(100 * (sim1 - sim0) / elapsed, 1),
+        "broker_cpu_percent": round(100 * (brk1 - brk0) / elapsed, 1),
+        "missed_ticks": status["counters"]["missed_ticks"],
+        "scores_dropped": status["counters"]["scores_dropped"],
+        "backend": next(iter(gateway.models.values())).backend.name,
+        "machine": f"{platform.machine()} {psutil.cpu_count()} cpu, Python {platform.python_version()}",
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    """The figures as a short human-readable block."""
+    lat = (
+        f"p50 {r['latency_p50_ms']:.2f} ms  p99 {r['latency_p99_ms']:.2f} ms  ({r['latency_samples']} windows)"
+        if r["latency_p50_ms"] is not None
+        else "no windows published"
+    )
+    return "\n".join(
+        [
+            f"edge-gateway bench: {r['tags']} tags at {r['hz']:g} Hz for {r['seconds']:.1f} s on {r['machine']}, "
+            f"inference {r['backend']}",
+            f"  values acquired        {r['values_per_s']:>10,.0f}/s   ({100 * r['delivered_fraction']:.2f}% of expected)",
+            f"  windows inferred       {r['windows_per_s']:>10,.1f}/s",
+            f"  acquisition -> PUBACK  {lat}",
+            f"  gateway CPU            {r['cpu_percent']:>9.1f}%  of one core   peak RSS {r['peak_rss_mb']:.0f} MB",
+            f"  simulated PLC CPU      {r['plc_cpu_percent']:>9.1f}%   broker CPU {r['broker_cpu_percent']:.1f}%",
+            f"  missed sample ticks    {r['missed_ticks']:>10}   scores dropped {r['scores_dropped']}",
+        ]
+    )
+
+
+async def run_bench(*, tags: int, hz: float, seconds: float, as_json: bool) -> int:
+    """CLI entry: run one measurement and print it."""
+    if find_mosquitto() is None:
+        raise GatewayError("the benchmark needs the mosquitto broker: apt-get install mosquitto")
+    logging.getLogger("gateway").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="edge-gateway-bench-") as wd:
+        result = await measure(tags=tags, hz=hz, seconds=seconds, workdir=Path(wd))
+    print(json.dumps(result) if as_json else render(result))
+    return 0

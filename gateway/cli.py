@@ -1,0 +1,142 @@
+"""`edge-gateway` command line: the only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
+
+logger = logging.getLogger("gateway")
+
+
+def setup_logging(level: str) -> None:
+    """One line per record, no tracebacks for expected failures (those are logged as one line)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # asyncua logs each connect at INFO and a lost link as several WARNINGs; the source logs one line.
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and the model files without connecting to anything."""
+    from gateway.alarms import build_rules
+    from gateway.config import load_config
+    from gateway.models import load_manifests, load_models
+
+    cfg = load_config(args.config)
+    manifests = load_manifests(cfg)
+    models = load_models(cfg, manifests)
+    rules = build_rules(cfg, manifests)
+    n_tags = sum(len(a.tags) for a in cfg.assets)
+    print(
+        f"{args.config}: OK: {len(cfg.sources)} source(s), {len(cfg.assets)} asset(s), {n_tags} tag(s), "
+        f"{len(models)} model(s), {len(rules)} alarm rule(s)"
+    )
+    return EXIT_OK
+
+
+async def _run_until_signalled(cfg_path: Path) -> int:
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    cfg = load_config(cfg_path)
+    gateway = Gateway(cfg)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            logger.info("%s received: stopping (send again to force)", signal.Signals(signum).name)
+            shutdown.set()
+        else:
+            logger.error("second signal: exiting without a clean shutdown")
+            sys.exit(EXIT_RUNTIME)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return await gateway.run(shutdown)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM/SIGINT."""
+    return asyncio.run(_run_until_signalled(args.config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Simulated PLC + broker + gateway + live alarm view."""
+    from gateway.demo.run import run_demo
+
+    return asyncio.run(run_demo(seconds=args.seconds, workdir=args.workdir))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput and latency figures for this device."""
+    from gateway.bench import run_bench
+
+    return asyncio.run(run_bench(tags=args.tags, hz=args.hz, seconds=args.seconds, as_json=args.json))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(
+        prog="edge-gateway", description="OPC-UA to ML machine-health alarms over MQTT."
+    )
+    p.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a config file and its models; exit 0 if valid, 1 if not")
+    c.add_argument("config", type=Path)
+    c.set_defaults(func=cmd_check)
+    r = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
+    r.add_argument("config", type=Path)
+    r.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="simulated PLC, broker and gateway; shows alarms arriving over MQTT")
+    d.add_argument(
+        "--seconds", type=float, default=None, help="stop by itself after this long (default: Ctrl-C)"
+    )
+    d.add_argument("--workdir", type=Path, default=None, help="keep the demo's config and database here")
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="measure acquisition, inference and publish figures on this device")
+    b.add_argument("--tags", type=int, default=1000)
+    b.add_argument("--hz", type=float, default=10.0)
+    b.add_argument("--seconds", type=float, default=30.0)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `edge-gateway` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""MQTT sink: alarm and status payloads, an asyncio publisher over paho-mqtt, and the outbox drain.
+
+paho runs its own network thread (`loop_start`); its callbacks never do work, they only hand results
+to the event loop with `call_soon_threadsafe`, where futures keyed by message id are resolved.
+
+Alarm payload (JSON, schema 1): alarm_id, event_id, event ("raised" | "cleared"), gateway_id, site,
+asset, rule, kind, output, severity, value, threshold, model, model_version,
+first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"), decided_at (ISO 8601 UTC, ms, "Z"), schema.
+Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is at least once.
+
+Score payload (only with mqtt.publish_scores): asset, model, model_version, values {name: number},
+window_end_source_ts, decided_at, schema.
+
+Status payload (retained, also the Last Will): state ("online" | "offline"), gateway_id, version,
+started_at, schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.alarms import AlarmEvent
+from gateway.config import MqttConfig
+from gateway.errors import ConfigError, PublishError, StoreError
+from gateway.store import Store
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# paho's own in-flight window is 20; more concurrent publishes would only queue inside paho.
+MAX_INFLIGHT = 20
+# Messages paho may hold (in flight or awaiting reconnect); beyond it publish fails (DROP_NEWEST,
+# the outbox keeps the alarm and retries).
+MAX_QUEUED = 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def iso_utc(ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 UTC with milliseconds and 'Z'."""
+    dt = _EPOCH + timedelta(microseconds=ns // 1000)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alarm_topic(cfg: MqttConfig, *, gateway_id: str, event: AlarmEvent) -> str:
+    """The topic an alarm event is published to."""
+    return cfg.alarm_topic.format(
+        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id,
+        asset=event.asset, rule=event.rule, severity=event.severity,
+    )  # fmt: skip
+
+
+def status_topic(cfg: MqttConfig, gateway_id: str) -> str:
+    """The topic of the gateway's retained online/offline status."""
+    return cfg.status_topic.format(prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def alarm_payload(event: AlarmEvent, *, site: str) -> bytes:
+    """The compact JSON for one alarm event (field list in the module docstring)."""
+    return _dumps({
+        "alarm_id": event.alarm_id, "event_id": event.event_id, "event": event.event,
+        "gateway_id": event.gateway_id, "site": site, "asset": event.asset, "rule": event.rule,
+        "kind": event.kind, "output": event.output, "severity": event.severity,
+        "value": _finite(event.value), "threshold": _finite(event.threshold),
+        "model": event.model, "model_version": event.model_version,
+        "first_abnormal_source_ts": iso_utc(event.first_abnormal_source_ts_ns),
+        "decided_at": iso_utc(event.decided_at_ns), "schema": SCHEMA_VERSION,
+    })  # fmt: skip
+
+
+def score_topic(cfg: MqttConfig, *, gateway_id: str, asset: str, model: str) -> str:
+    """The topic of one asset's per-window model outputs."""
+    return cfg.score_topic.format(
+        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id, asset=asset, model=model
+    )
+
+
+def score_payload(
+    *, asset: str, model: str, model_version: str, values: dict[str, float], source_ts_ns: int, decided_at_ns: int
+) -> bytes:
+    """The compact JSON of one window's model outputs."""
+    return _dumps({
+        "asset": asset, "model": model, "model_version": model_version,
+        "values": {k: _finite(v) for k, v in values.items()},
+        "window_end_source_ts": iso_utc(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
+        "schema": SCHEMA_VERSION,
+    })  # fmt: skip
+
+
+def status_payload(
+    state: Literal["online", "offline"], *, gateway_id: str, version: str, started_at: str
+) -> bytes:
+    """The compact JSON of the retained status message."""
+    return _dumps({
+        "state": state, "gateway_id": gateway_id, "version": version, "started_at": started_at,
+        "schema": SCHEMA_VERSION,
+    })  # fmt: skip
+
+
+@dataclass
+class PublisherStats:
+    """Counters for the status page; updated on the event loop only."""
+
+    published: int = 0
+    failed: int = 0
+    connects: int = 0
+    last_error: str | None = None
+
+
+class MqttPublisher:
+    """Publishes to one broker; `start()` never waits for the broker, `publish()` waits for its PUBACK."""
+
+    def __init__(self, cfg: MqttConfig, *, gateway_id: str, version: str, started_at: str) -> None:
+        self.cfg = cfg
+        self.stats = PublisherStats()
+        self.status_topic = status_topic(cfg, gateway_id)
+        self._client_id = cfg.client_id or f"edge-gateway-{gateway_id}"
+        self._status = {
+            state: status_payload(state, gateway_id=gateway_id, version=version, started_at=started_at)
+            for state in ("online", "offline")
+        }
+        self._where = f"{cfg.host}:{cfg.port}"
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = False
+        self._stopping = False
+        self._connected_evt: asyncio.Event | None = None
+        self._inflight: asyncio.Semaphore | None = None
+        self._acks: dict[int, asyncio.Future[None]] = {}
+
+    @property
+    def connected(self) -> bool:
+        """True while a session with the broker is up (as last reported by paho's thread)."""
+        return self._connected
+
+    async def start(self) -> None:
+        """Configure the client and start connecting in the background; a down broker is not an error."""
+        self._loop = asyncio.get_running_loop()
+        self._connected_evt = asyncio.Event()
+        self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
+        password = self.cfg.password()
+        # tls_set reads certificate files: keep that off the loop.
+        self._client = await asyncio.to_thread(self._make_client, password)
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._client.loop_start()
+        logger.info("mqtt: connecting to %s as %s", self._where, self._client_id)
+
+    def _make_client(self, password: str | None) -> mqtt.Client:
+        cfg = self.cfg
+        protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=protocol)
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.will_set(self.status_topic, self._status["offline"], qos=1, retain=True)
+        if cfg.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                )
+            except (OSError, ValueError) as exc:
+                raise ConfigError([f"mqtt.tls: cannot load the certificates: {exc}"]) from exc
+            # Only the host name check is skipped; the chain is still verified against ca_file.
+            client.tls_insecure_set(cfg.tls.insecure_skip_verify)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, password)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(MAX_QUEUED)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a connection; True if connected."""
+        if self._connected_evt is None:
+            return False
+        try:
+            await asyncio.wait_for(self._connected_evt.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self._connected
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float | None = None
+    ) -> None:
+        """Publish and return once acknowledged (QoS >= 1); PublishError if not connected, refused or late."""
+        timeout = self.cfg.publish_timeout_s if timeout is None else timeout
+        if self._inflight is None or self._loop is None:
+            raise self._failed("publisher not started")
+        try:
+            await asyncio.wait_for(self._inflight.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise self._failed(f"{MAX_INFLIGHT} publishes still in flight after {timeout} s") from None
+        mid: int | None = None
+        try:
+            if self._client is None or not self._connected:
+                # last_error keeps the connection problem itself, which says more than this.
+                raise self._failed(f"not connected to {self._where}", record=False)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise self._failed(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            if qos > 0:
+                # Registered in the same loop step as publish(): the ack callback runs on this loop, later.
+                mid = info.mid
+                fut = self._acks[mid] = self._loop.create_future()
+                try:
+                    await asyncio.wait_for(fut, timeout)
+                except asyncio.TimeoutError:
+                    raise self._failed(f"no acknowledgement for {topic} within {timeout} s") from None
+                except PublishError as exc:
+                    raise self._failed(str(exc)) from None
+        finally:
+            if mid is not None:
+                self._acks.pop(mid, None)
+            self._inflight.release()
+        self.stats.published += 1
+
+    def _failed(self, message: str, *, record: bool = True) -> PublishError:
+        self.stats.failed += 1
+        if record:
+            self.stats.last_error = message
+        return PublishError(message)
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Publish the retained offline status (best effort), disconnect and stop paho's thread, bounded."""
+        client = self._client
+        if client is None or self._loop is None:
+            return
+        deadline = self._loop.time() + timeout
+        if self._connected:
+            try:
+                await self.publish(
+                    self.status_topic, self._status["offline"], qos=1, retain=True, timeout=timeout / 2
+                )
+            except PublishError as exc:
+                logger.warning("mqtt: could not publish the offline status: %s", exc)
+        self._stopping = True
+        self._client = None
+        client.disconnect()
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(client.loop_stop), max(0.1, deadline - self._loop.time())
+            )
+        except asyncio.TimeoutError:
+            logger.warning("mqtt: network thread did not stop within %.1f s", timeout)
+        self._set_disconnected("publisher stopped")
+        logger.info("mqtt: stopped (%d published, %d failed)", self.stats.published, self.stats.failed)
+
+    # ---- loop side of the callbacks ----------------------------------------------------------
+
+    def _set_connected(self) -> None:
+        if self._stopping:
+            return  # a connect that raced stop(): the client is already being torn down
+        self._connected = True
+        self.stats.connects += 1
+        assert self._connected_evt is not None
+        self._connected_evt.set()
+        logger.info("mqtt: connected to %s", self._where)
+
+    def _set_disconnected(self, reason: str) -> None:
+        was = self._connected
+        self._connected = False
+        if self._connected_evt is not None:
+            self._connected_evt.clear()
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(PublishError(f"{reason} before acknowledgement"))
+        if was and not self._stopping:
+            self.stats.last_error = reason
+            logger.warning("mqtt: %s", reason)
+
+    def _set_error(self, message: str) -> None:
+        if message != self.stats.last_error:
+            logger.warning("mqtt: %s (retrying in the background)", message)
+        self.stats.last_error = message
+
+    def _acked(self, mid: int, failure: str | None) -> None:
+        fut = self._acks.get(mid)
+        if fut is None or fut.done():
+            return  # the publisher already gave up on it
+        if failure is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(PublishError(f"broker refused the publish: {failure}"))
+
+    # ---- paho's thread: never raise, never work, only hand over -------------------------------
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed; nobody is left to tell
+            pass
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        try:
+            if reason_code.is_failure:
+                self._to_loop(self._set_error, f"broker {self._where} refused the connection: {reason_code}")
+                return
+            client.publish(self.status_topic, self._status["online"], qos=1, retain=True)
+            self._to_loop(self._set_connected)
+        except Exception:
+            logger.exception("mqtt: on_connect failed")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        try:
+            # paho calls this from inside its `except OSError`, so the reason is the handled exception.
+            exc = sys.exc_info()[1]
+            self._to_loop(self._set_error, f"cannot connect to {self._where}: {exc or 'connection failed'}")
+        except Exception:
+            logger.exception("mqtt: on_connect_fail failed")
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        try:
+            self._to_loop(self._set_disconnected, f"connection to {self._where} lost: {reason_code}")
+        except Exception:
+            logger.exception("mqtt: on_disconnect failed")
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        try:
+            # "No matching subscribers" (16) is a success code: is_failure covers it.
+            self._to_loop(self._acked, mid, str(reason_code) if reason_code.is_failure else None)
+        except Exception:
+            logger.exception("mqtt: on_publish failed")
+
+
+async def drain_outbox(
+    store: Store, publisher: MqttPublisher, wake: asyncio.Event, *, batch: int = 100,
+    retry_s: float = 1.0, max_backoff_s: float = 30.0,
+) -> None:  # fmt: skip
+    """Publish stored alarm events in order, marking each only after its acknowledgement; runs until cancelled.
+
+    Wakes when `wake` is set (by whoever stores an event), when the broker connects, or every `retry_s`.
+    A failed publish ends the round; it is retried with capped exponential backoff, never dropped.
+    """
+    delay = retry_s
+    last_problem: str | None = None
+    while True:
+        wake.clear()
+        try:
+            await _drain_once(store, publisher, batch)
+        except (PublishError, StoreError) as exc:
+            if str(exc) != last_problem:
+                logger.warning("outbox: %s; will retry", exc)
+            last_problem = str(exc)
+            wait_s, delay = delay, min(delay * 2, max_backoff_s)
+        else:
+            if last_problem is not None:
+                logger.info("outbox: delivering again")
+            last_problem = None
+            wait_s = delay = retry_s
+        if publisher.connected:
+            try:
+                await asyncio.wait_for(wake.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await publisher.wait_connected(wait_s)
+
+
+async def _drain_once(store: Store, publisher: MqttPublisher, batch: int) -> None:
+    while True:
+        messages = await store.pending(batch)
+        if not messages:
+            return
+        acked: list[str] = []
+        for m in messages:
+            try:
+                await publisher.publish(m.topic, m.payload, qos=m.qos)
+            except PublishError:
+                if acked:
+                    await store.mark_published(acked)
+                raise
+            acked.append(m.event_id)
+        await store.mark_published(acked)

@@ -1,0 +1,267 @@
+"""OPC-UA polling source: one Read request per tick for all of a source's tags, and its own reconnect.
+
+Polling (not subscriptions) because the gateway samples at a fixed rate anyway: one Read of N nodes
+is one request and one response, while a subscription delivers N separate notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from asyncua import Client, ua
+
+from gateway.config import SourceConfig
+from gateway.errors import SourceError
+from gateway.latest import BAD_COMMUNICATION_ERROR, BAD_NOT_CONNECTED, BAD_TYPE_MISMATCH, LatestValues
+
+logger = logging.getLogger(__name__)
+
+# Bad (10) and the reserved severity 11 both set the top bit.
+_BAD_BIT = 0x80000000
+# Read results that mean the configuration, not the plant, is wrong: reported once per connection.
+_CONFIG_ERRORS = frozenset(
+    {
+        ua.StatusCodes.BadNodeIdUnknown,
+        ua.StatusCodes.BadNodeIdInvalid,
+        ua.StatusCodes.BadAttributeIdInvalid,
+        ua.StatusCodes.BadNotReadable,
+        ua.StatusCodes.BadUserAccessDenied,
+    }
+)
+_MAX_TAG_LINES = 10
+_SESSION_TIMEOUT_MS = 60_000
+# A session ends and a reconnect starts on these; anything else is a bug and ends the task.
+_IO_ERRORS = (OSError, asyncio.TimeoutError, ua.UaError, SourceError)
+
+
+@dataclass(frozen=True)
+class SourceTag:
+    """One tag to read: its row in LatestValues and its node id string from the config."""
+
+    index: int
+    node_id: str
+
+
+@dataclass
+class SourceStats:
+    """Health counters of one source, read by status reporting and tests."""
+
+    connected: bool = False
+    reads: int = 0
+    read_errors: int = 0
+    connects: int = 0
+    connect_errors: int = 0
+    missed_ticks: int = 0
+    values: int = 0
+    last_error: str | None = None
+
+
+class OpcUaPollSource:
+    """Polls all tags of one OPC-UA server with a single Read per tick into LatestValues."""
+
+    def __init__(self, cfg: SourceConfig, tags: Sequence[SourceTag], latest: LatestValues) -> None:
+        if not tags:
+            raise SourceError(f"source {cfg.name}: no tags to read")
+        nodes = []
+        for tag in tags:
+            if not 0 <= tag.index < len(latest):
+                raise SourceError(
+                    f"source {cfg.name}: tag {tag.node_id!r} has index {tag.index} outside the table"
+                )
+            try:
+                nodes.append(ua.NodeId.from_string(tag.node_id))
+            except ua.UaError as exc:
+                raise SourceError(
+                    f"source {cfg.name}: invalid node id {tag.node_id!r} (tag #{tag.index})"
+                ) from exc
+        self.name = cfg.name
+        self.cfg = cfg
+        self.tags = tuple(tags)
+        self.latest = latest
+        self.stats = SourceStats()
+        self._idx = np.array([t.index for t in tags], dtype=np.intp)
+        # Built once: every tick sends the same request.
+        self._params = ua.ReadParameters(
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=ua.AttributeIds.Value) for n in nodes],
+        )
+        n = len(nodes)
+        self._value = np.empty(n, dtype=np.float64)
+        self._status = np.empty(n, dtype=np.uint32)
+        self._ts_s = np.empty(n, dtype=np.float64)
+        self._value_buf: list[float] = [0.0] * n
+        self._status_buf: list[int] = [0] * n
+        self._ts_buf: list[float] = [0.0] * n
+        self._connected = asyncio.Event()
+        self._failures = 0
+        self._previous_error: str | None = None
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once a session is up and its first Read is stored, False if `timeout` s pass first."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Connect, poll and reconnect until cancelled; tags are Bad whenever there is no session."""
+        try:
+            while True:
+                await self._session()
+                delay = self._backoff()
+                self._log_failure(delay)
+                await asyncio.sleep(delay)
+        finally:
+            self._set_disconnected(BAD_NOT_CONNECTED)
+
+    async def _session(self) -> None:
+        """One connection's life: returns after a failure (already recorded), raises only CancelledError."""
+        # The library's auto-reconnect would race this loop's own; see run().
+        client = Client(self.cfg.endpoint, timeout=self.cfg.timeout_s, auto_reconnect=False)
+        # asyncua asks for an hour and warns when servers grant less; its 1 s watchdog keeps a minute alive.
+        client.session_timeout = _SESSION_TIMEOUT_MS
+        lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+        async def on_lost(exc: Exception) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+        client.connection_lost_callback = on_lost
+        opened = False
+        try:
+            try:
+                await asyncio.wait_for(client.connect(), self.cfg.timeout_s)
+            except _IO_ERRORS as exc:
+                self.stats.connect_errors += 1
+                self._fail(exc, BAD_NOT_CONNECTED)
+                return
+            opened = True
+            self.stats.connects += 1
+            try:
+                await self._poll(client, lost)
+            except _IO_ERRORS as exc:
+                self.stats.read_errors += 1
+                self._fail(exc, BAD_COMMUNICATION_ERROR)
+        finally:
+            await self._close(client, opened)
+
+    async def _poll(self, client: Client, lost: asyncio.Future[Exception]) -> None:
+        """Read on a fixed grid of the monotonic clock; a late read skips the ticks it overran."""
+        period = self.cfg.poll_interval_ms / 1000.0
+        t0 = time.monotonic()
+        tick = 0
+        while True:
+            results = await client.uaclient.read(self._params)
+            recv_ns = time.monotonic_ns()
+            self._store(results, recv_ns)
+            if not self._connected.is_set():
+                self._on_first_read()
+            tick += 1
+            delay = t0 + tick * period - time.monotonic()
+            if delay < 0:
+                skipped = int(-delay / period)
+                tick += skipped
+                self.stats.missed_ticks += skipped
+                continue
+            # Waiting on the loss signal instead of sleeping marks the tags Bad as soon as the server goes.
+            await asyncio.wait((lost,), timeout=delay)
+            if lost.done():
+                raise lost.result()
+
+    def _store(self, results: list[ua.DataValue], recv_ns: int) -> None:
+        """Decode one Read response into the preallocated arrays and store them in one write."""
+        n = len(self._value)
+        if len(results) != n:
+            raise SourceError(f"Read returned {len(results)} results for {n} nodes")
+        # Python lists take the per-item stores (cheaper than numpy item assignment), then one copy each.
+        value, status, ts_s = self._value_buf, self._status_buf, self._ts_buf
+        nan = math.nan
+        for i, dv in enumerate(results):
+            sc = dv.StatusCode
+            code = 0 if sc is None else sc.value
+            var = dv.Value
+            x: Any = None if var is None else var.Value
+            kind = type(x)
+            if kind is float or kind is int or kind is bool:
+                value[i] = x
+            else:
+                value[i] = nan
+                if not code & _BAD_BIT:
+                    code = BAD_TYPE_MISMATCH
+            status[i] = code
+            ts = dv.SourceTimestamp
+            # asyncua decodes to aware UTC datetimes at microsecond resolution; float seconds keep that.
+            ts_s[i] = 0.0 if ts is None else ts.timestamp()
+        self._value[:] = value
+        self._status[:] = status
+        self._ts_s[:] = ts_s
+        source_ts = np.rint(self._ts_s * 1e6).astype(np.int64) * 1000
+        self.latest.write(self._idx, self._value, self._status, source_ts, recv_ns)
+        self.stats.reads += 1
+        self.stats.values += n
+
+    def _on_first_read(self) -> None:
+        """The session works: say so once and name the tags the server does not know."""
+        self._failures = 0
+        self.stats.connected = True
+        self.stats.last_error = None
+        self._connected.set()
+        logger.info(
+            "source %s: connected to %s, reading %d tags", self.name, self.cfg.endpoint, len(self.tags)
+        )
+        bad = [i for i, code in enumerate(self._status.tolist()) if code in _CONFIG_ERRORS]
+        for i in bad[:_MAX_TAG_LINES]:
+            logger.warning(
+                "source %s: tag %s: %s",
+                self.name,
+                self.tags[i].node_id,
+                ua.StatusCode(ua.UInt32(self._status[i])).name,
+            )
+        if len(bad) > _MAX_TAG_LINES:
+            logger.warning("source %s: %d more tags cannot be read", self.name, len(bad) - _MAX_TAG_LINES)
+
+    def _fail(self, exc: BaseException, status: int) -> None:
+        """Record why the session ended and flag every tag of this source Bad."""
+        if isinstance(exc, asyncio.TimeoutError):
+            reason = f"no answer within {self.cfg.timeout_s:g} s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._previous_error = self.stats.last_error
+        self.stats.last_error = reason
+        self._set_disconnected(status)
+
+    def _set_disconnected(self, status: int) -> None:
+        self.stats.connected = False
+        self._connected.clear()
+        self.latest.mark_bad(self._idx, status, time.monotonic_ns())
+
+    def _log_failure(self, delay: float) -> None:
+        # A PLC that stays off would repeat the same line every backoff period; say it once.
+        level = logging.DEBUG if self.stats.last_error == self._previous_error else logging.WARNING
+        logger.log(level, "source %s: %s; retrying in %.1f s", self.name, self.stats.last_error, delay)
+
+    def _backoff(self) -> float:
+        """Capped exponential backoff with jitter, from reconnect_min_s up to reconnect_max_s."""
+        lo, hi = self.cfg.reconnect_min_s, self.cfg.reconnect_max_s
+        cap = min(hi, lo * 2.0 ** min(self._failures, 32))
+        self._failures += 1
+        return max(lo, random.uniform(cap / 2.0, cap))
+
+    async def _close(self, client: Client, opened: bool) -> None:
+        """Close the session politely when it is up, bounded so a stuck server cannot hang us."""
+        try:
+            if opened:
+                await asyncio.wait_for(client.disconnect(), self.cfg.timeout_s)
+        except _IO_ERRORS as exc:
+            logger.debug("source %s: disconnect: %r", self.name, exc)
+        finally:
+            client.disconnect_socket()

@@ -1,0 +1,180 @@
+"""The SQLite store against real files: outbox order, durability across reopen, batching, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.store import OutboxMessage, Store
+from tests.conftest import wait_for_condition
+from tests.fixtures_mqtt import make_event
+
+
+def _sql(path: Path, query: str) -> list[tuple]:
+    """Read with a separate connection, as another process would."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+def test_events_pending_in_order_until_marked_published(tmp_path: Path) -> None:
+    async def main() -> tuple[list[OutboxMessage], list[OutboxMessage]]:
+        store = Store(tmp_path / "g.db")
+        await store.start()
+        for n in (3, 1, 2):
+            await store.add_alarm_event(make_event(n), f"t/{n}", f"p{n}".encode())
+        await store.add_alarm_event(make_event(1, "cleared", value=0.2), "t/1", b"c1")
+        before = await store.pending()
+        await store.mark_published([before[0].event_id, before[2].event_id])
+        after = await store.pending()
+        await store.stop()
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert [m.event_id for m in before] == [
+        make_event(3).event_id, make_event(1).event_id, make_event(2).event_id,
+        make_event(1, "cleared").event_id,
+    ]  # fmt: skip
+    assert before[0] == OutboxMessage(make_event(3).event_id, "t/3", b"p3", 1)
+    assert [m.event_id for m in after] == [make_event(1).event_id, make_event(1, "cleared").event_id]
+    db = tmp_path / "g.db"
+    assert _sql(db, "SELECT count(*) FROM alarm_events WHERE published_at_ns IS NOT NULL") == [(2,)]
+    alarms = dict(_sql(db, "SELECT alarm_id, state FROM alarms"))
+    assert alarms == {make_event(n).alarm_id: s for n, s in ((1, "cleared"), (2, "active"), (3, "active"))}
+    assert _sql(db, "PRAGMA integrity_check") == [("ok",)]
+    assert _sql(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_unpublished_events_survive_a_restart_and_replays_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+
+    async def first_run() -> None:
+        store = Store(path)
+        await store.start()
+        await store.add_alarm_event(make_event(1), "t", b"r1")
+        await store.add_alarm_event(make_event(2), "t", b"r2")
+        await store.mark_published([make_event(1).event_id])
+        await store.add_alarm_event(make_event(1, "cleared", value=0.1), "t", b"c1")
+        await store.stop()
+
+    async def second_run() -> tuple[list[str], int]:
+        store = Store(path)
+        await store.start()
+        ids = [m.event_id for m in await store.pending()]
+        # A restart that replays the same decisions must not create second copies or reopen the alarm.
+        await store.add_alarm_event(make_event(1), "t", b"r1-again")
+        await store.add_alarm_event(make_event(2), "t", b"r2-again")
+        written = store.stats.events_written
+        after = [m.payload for m in await store.pending()]
+        await store.stop()
+        assert after == [b"r2", b"c1"]
+        return ids, written
+
+    asyncio.run(first_run())
+    ids, written = asyncio.run(second_run())
+    assert ids == [make_event(2).event_id, make_event(1, "cleared").event_id]
+    assert written == 0
+    assert _sql(path, "SELECT count(*) FROM alarm_events") == [(3,)]
+    row = _sql(
+        path, "SELECT state, raised_value, cleared_value FROM alarms WHERE alarm_id = 'gw01-pump01-hi-1'"
+    )
+    assert row == [("cleared", 2.5, 0.1)]
+
+
+def test_scores_queued_during_a_busy_commit_are_written_in_one_batch(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    rows_per_call, calls = 500, 10
+
+    async def main() -> Store:
+        store = Store(path)
+        await store.start()
+        # Another connection holds the write lock, so the writer is stuck on (at most) its first batch
+        # while the remaining calls queue up behind it.
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        for c in range(calls):
+            store.add_scores(
+                [(c * rows_per_call + i, "pump01", "ae", "1", "score", i / 7) for i in range(rows_per_call)]
+            )
+        locker.execute("COMMIT")
+        locker.close()
+        await store.stop()
+        return store
+
+    store = asyncio.run(main())
+    assert store.stats.scores_written == rows_per_call * calls
+    assert store.stats.scores_dropped == 0
+    assert store.stats.commits <= 2
+    assert _sql(path, "SELECT count(*), min(ts_ns), max(ts_ns) FROM scores") == [(5000, 0, 4999)]
+    assert _sql(path, "SELECT value FROM scores WHERE ts_ns = 3") == [(3 / 7,)]
+
+
+def test_score_overflow_drops_oldest_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+
+    async def main() -> Store:
+        store = Store(path, queue_size=10)
+        await store.start()
+        store.add_scores([(i, "pump01", "ae", "1", "score", float(i)) for i in range(25)])
+        await store.stop()
+        return store
+
+    store = asyncio.run(main())
+    assert store.stats.scores_dropped == 15
+    assert store.stats.scores_written == 10
+    assert _sql(path, "SELECT min(ts_ns), max(ts_ns) FROM scores") == [(15, 24)]
+
+
+def test_failed_commits_keep_alarm_events_and_drop_scores(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+
+    async def main() -> None:
+        store = Store(path, busy_timeout_s=0.05)
+        await store.start()
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        store.add_scores([(i, "pump01", "ae", "1", "score", 0.5) for i in range(20)])
+        add = asyncio.ensure_future(store.add_alarm_event(make_event(7), "t", b"kept"))
+        await wait_for_condition(
+            lambda: store.stats.scores_dropped == 20 and store.stats.last_error is not None,
+            what="failed commit",
+        )
+        assert "locked" in (store.stats.last_error or "")
+        assert not add.done()
+        locker.execute("COMMIT")
+        locker.close()
+        await asyncio.wait_for(add, 10)
+        assert [m.payload for m in await store.pending()] == [b"kept"]
+        assert store.stats.events_written == 1
+        await store.stop()
+
+    asyncio.run(main())
+    assert _sql(path, "SELECT state FROM alarms") == [("active",)]
+    assert _sql(path, "SELECT count(*) FROM scores") == [(0,)]
+    assert _sql(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_unusable_paths_raise_store_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not an sqlite database" * 200)
+
+    async def open_fails(path: Path) -> str:
+        store = Store(path)
+        with pytest.raises(StoreError) as info:
+            await store.start()
+        with pytest.raises(StoreError, match="not running"):
+            await store.add_alarm_event(make_event(1), "t", b"x")
+        await store.stop()
+        return str(info.value)
+
+    unwritable = asyncio.run(open_fails(not_a_dir / "g.db"))
+    assert "unable to open database file" in unwritable and "\n" not in unwritable
+    assert "not a database" in asyncio.run(open_fails(corrupt))
