@@ -14,7 +14,7 @@ import numpy as np
 from gateway import __version__
 from gateway.alarms import AlarmEngine, build_rules
 from gateway.config import GatewayConfig
-from gateway.errors import PublishError
+from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, PublishError
 from gateway.inference.worker import InferenceWorker
 from gateway.latest import LatestValues
 from gateway.metrics import LatencyReservoir
@@ -23,6 +23,7 @@ from gateway.sinks.mqtt import (
     MqttPublisher,
     alarm_payload,
     alarm_topic,
+    drain_once,
     drain_outbox,
     iso_utc,
     score_payload,
@@ -89,11 +90,13 @@ class Gateway:
         self.samplers: dict[str, AssetSampler] = {}
         source_tags: dict[str, list[SourceTag]] = {s.name: [] for s in cfg.sources}
         next_index = 0
-        for asset in cfg.assets:
+        for position, asset in enumerate(cfg.assets):
             idx = np.arange(next_index, next_index + len(asset.tags))
             next_index += len(asset.tags)
-            self.samplers[asset.name] = AssetSampler(asset, idx, self.latest)
-            source_tags[asset.source].extend(SourceTag(int(i), t.node_id) for i, t in zip(idx, asset.tags, strict=True))
+            self.samplers[asset.name] = AssetSampler(asset, idx, self.latest, phase=position)
+            source_tags[asset.source].extend(
+                SourceTag(int(i), t.node_id) for i, t in zip(idx, asset.tags, strict=True)
+            )
         self.sources = [OpcUaPollSource(s, source_tags[s.name], self.latest) for s in cfg.sources]
         self.store = Store(cfg.storage.path)
         self.publisher = MqttPublisher(
@@ -111,6 +114,7 @@ class Gateway:
         self._sampler_tasks: list[asyncio.Task[None]] = []
         self._inference_tasks: list[asyncio.Task[None]] = []
         self._score_task: asyncio.Task[None] | None = None
+        self._outbox_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the store, load models, connect MQTT, start acquisition and the pipeline tasks."""
@@ -128,12 +132,15 @@ class Gateway:
         # Give each PLC one connect timeout, so the first windows are not all warm-up skips; a PLC
         # that is down does not hold the gateway back (its tags are Bad until it comes back).
         await asyncio.gather(*(s.wait_connected(s.cfg.timeout_s) for s in self.sources))
-        rates = sorted({a.sample_rate_hz for a in self.cfg.assets})
-        self._sampler_tasks = [sup.spawn(self._sample_loop(r), f"sampler:{r:g}Hz") for r in rates]
+        self._sampler_tasks = [
+            sup.spawn(self._sample_loop(source, rate), f"sampler:{source.cfg.name}:{rate:g}Hz")
+            for source in self.sources
+            for rate in sorted({a.sample_rate_hz for a in self.cfg.assets if a.source == source.cfg.name})
+        ]
         self._inference_tasks = [
             sup.spawn(self._infer_loop(m), f"inference:{n}") for n, m in self.models.items()
         ]
-        sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
+        self._outbox_task = sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
         self._score_task = (
             sup.spawn(self._publish_scores(), "scores") if self.cfg.mqtt.publish_scores else None
         )
@@ -158,42 +165,69 @@ class Gateway:
             await asyncio.gather(stop, failed, return_exceptions=True)
         finally:
             await self.stop()
-        return 0 if self.supervisor.failure is None else 3
+        return EXIT_OK if self.supervisor.failure is None else EXIT_RUNTIME
 
     async def stop(self) -> None:
         """Stop in pipeline order: sources, samplers, inference, outbox, MQTT, SQLite last."""
-        timeout = self.cfg.gateway.shutdown_timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.cfg.gateway.shutdown_timeout_s
+
+        def left(cap: float = float("inf")) -> float:
+            return max(0.1, min(cap, deadline - time.monotonic()))
+
         sup = self.supervisor
         for task in (*self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
-            await sup.cancel(task, max(0.1, deadline - time.monotonic()))
-        # One last bounded attempt to hand stored alarm events to the broker; what is left stays
-        # in the outbox and goes out after the next start.
-        await sup.close(max(0.1, min(1.0, deadline - time.monotonic())))
-        await self.publisher.stop(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-        await self.store.stop(timeout=max(0.5, deadline - time.monotonic()))
+            await sup.cancel(task, left())
+        if self._outbox_task is not None:
+            await sup.cancel(self._outbox_task, left())
+        if self.publisher.connected:
+            # One last bounded attempt to hand stored alarm events to the broker; what is left stays
+            # in the outbox and goes out after the next start.
+            try:
+                await asyncio.wait_for(drain_once(self.store, self.publisher), left(1.0))
+            except (asyncio.TimeoutError, GatewayError) as exc:
+                logger.warning(
+                    "outbox not fully delivered before stopping (%s); sent after the next start",
+                    str(exc) or "timed out",
+                )
+        await sup.close(left(1.0))
+        await self.publisher.stop(timeout=left(2.0))
+        await self.store.stop(timeout=left())
         self.worker.close()
         logger.info("gateway %s stopped", self.cfg.gateway.id)
 
-    async def _sample_loop(self, rate_hz: float) -> None:
-        """Tick every sampler of this rate on a fixed monotonic schedule; missed ticks are skipped."""
-        samplers = [self.samplers[a.name] for a in self.cfg.assets if a.sample_rate_hz == rate_hz]
-        period_ns = int(1e9 / rate_hz)
-        next_ns = time.monotonic_ns()
+    async def _sample_loop(self, source: OpcUaPollSource, rate_hz: float) -> None:
+        """Sample this source's assets once per period, as soon as a read of the source lands.
+
+        Time is cut into slots of one period centred on a fixed monotonic grid; each slot takes exactly
+        one sample: at the first read that completes in it (so a window's newest value is fresh and
+        the acquisition-to-publish latency stays low), or at the slot's end if no read came (PLC slow
+        or down: the values are then held or Bad, and the quality policy decides).
+        """
+        names = {
+            a.name for a in self.cfg.assets if a.source == source.cfg.name and a.sample_rate_hz == rate_hz
+        }
+        samplers = [s for n, s in self.samplers.items() if n in names]
+        period = int(1e9 / rate_hz)
+        await source.updated.wait(source.cfg.timeout_s)
+        tick = time.monotonic_ns()  # the grid is aligned to the first read
         while True:
             now = time.monotonic_ns()
-            if now - next_ns >= period_ns:
-                missed = (now - next_ns) // period_ns
-                self.counters.missed_ticks += int(missed)
-                next_ns += missed * period_ns
             self.counters.ticks += 1
             for sampler in samplers:
                 window = sampler.sample(now)
                 if window is not None:
                     for model in self._models_of_asset[window.asset]:
                         self.queues[model].put(window)
-            next_ns += period_ns
-            await asyncio.sleep(max(0.0, (next_ns - time.monotonic_ns()) / 1e9))
+            tick += period
+            while time.monotonic_ns() >= tick + period // 2:  # held up for whole slots: skip, count
+                tick += period
+                self.counters.missed_ticks += 1
+            while (now := time.monotonic_ns()) < tick + period // 2:
+                if (
+                    await source.updated.wait((tick + period // 2 - now) / 1e9)
+                    and time.monotonic_ns() >= tick - period // 2
+                ):
+                    break
 
     async def _infer_loop(self, model: LoadedModel) -> None:
         """Batch every queued window of one model into one backend call; decide and store results."""
@@ -245,8 +279,12 @@ class Gateway:
             if self._score_task is not None:
                 self._queue_score(model, w, names, row, now_ns)
 
-    def _queue_score(self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int) -> None:
-        topic = score_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, asset=w.asset, model=model.cfg.name)
+    def _queue_score(
+        self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int
+    ) -> None:
+        topic = score_topic(
+            self.cfg.mqtt, gateway_id=self.cfg.gateway.id, asset=w.asset, model=model.cfg.name
+        )
         payload = score_payload(
             asset=w.asset,
             model=model.cfg.name,
@@ -261,24 +299,22 @@ class Gateway:
         self.scores_out.put_nowait((topic, payload, w.end_recv_ns))
 
     async def _publish_scores(self) -> None:
-        """Publish per-window scores; each latency is acquisition of the newest sample to PUBACK."""
+        """Publish per-window scores; each latency is acquisition of the newest sample to its PUBACK."""
+
+        async def publish_one(topic: str, payload: bytes, recv_ns: int) -> None:
+            try:
+                await self.publisher.publish(topic, payload, qos=self.cfg.mqtt.qos)
+            except PublishError:
+                self.counters.scores_dropped += 1
+                return
+            self.counters.scores_published += 1
+            self.latency.add((time.monotonic_ns() - recv_ns) / 1e9)
+
         while True:
             items = [await self.scores_out.get()]
             while not self.scores_out.empty() and len(items) < 256:
                 items.append(self.scores_out.get_nowait())
-            results = await asyncio.gather(
-                *(self.publisher.publish(t, p, qos=self.cfg.mqtt.qos) for t, p, _ in items),
-                return_exceptions=True,
-            )
-            done_ns = time.monotonic_ns()
-            for (_, _, recv_ns), result in zip(items, results, strict=True):
-                if isinstance(result, PublishError):
-                    self.counters.scores_dropped += 1
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    self.counters.scores_published += 1
-                    self.latency.add((done_ns - recv_ns) / 1e9)
+            await asyncio.gather(*(publish_one(*item) for item in items))
 
     def status(self) -> dict[str, Any]:
         """A snapshot of every stage's counters, for logs, health and the benchmark."""

@@ -44,7 +44,7 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
     opc_port, mqtt_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(MosquittoBroker(mqtt_port, workdir=workdir / "mosquitto"))
-        sim = stack.enter_context(simulator_process(opc_port, pumps=pumps, rate_hz=hz, extra=["--no-fault"]))
+        sim = stack.enter_context(simulator_process(opc_port, pumps=pumps, rate_hz=hz, extra=["--no-fault", "--no-bad-data"]))
         cfg_dict = demo_config(
             opc_port=opc_port, mqtt_port=mqtt_port, db_path=workdir / "bench.db", pumps=pumps
         )
@@ -69,11 +69,12 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
             values1, windows1 = _counter_totals(gateway.status())
             cpu1, sim1, brk1 = _cpu_seconds(me), _cpu_seconds(sim_proc), _cpu_seconds(broker_proc)
             status = gateway.status()
+            # Read before shutdown: windows caught in the stop sequence are not steady-state figures.
+            p50, p99, n_latency = gateway.latency.percentile(50), gateway.latency.percentile(99), len(gateway.latency)
         finally:
             shutdown.set()
             await task
     n_tags = pumps * len(TAGS)
-    p50, p99 = gateway.latency.percentile(50), gateway.latency.percentile(99)
     return {
         "tags": n_tags,
         "hz": hz,
@@ -83,7 +84,7 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
         "windows_per_s": round((windows1 - windows0) / elapsed, 1),
         "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
         "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2),
-        "latency_samples": len(gateway.latency),
+        "latency_samples": n_latency,
         "cpu_percent": round(100 * (cpu1 - cpu0) / elapsed, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "plc_cpu_percent": round(100 * (sim1 - sim0) / elapsed, 1),

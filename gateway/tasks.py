@@ -60,3 +60,23 @@ class Supervisor:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             logger.error("task %s did not stop within %.1f s", task.get_name(), timeout)
+
+
+class Pulse:
+    """Wakes every waiter each time `notify()` is called (an Event that re-arms itself)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        """Wake everyone waiting now; later waiters wait for the next notify."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:
+        """True if notified within `timeout` seconds, False otherwise."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True

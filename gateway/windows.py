@@ -111,11 +111,11 @@ class AssetSampler:
     """Takes one row of an asset's tags per tick from the latest-value table and cuts windows.
 
     `sample(now_ns)` is called at the asset's fixed sample rate; it returns a Window every `hop`
-    samples once the ring is full, unless that window contains an invalid sample, in which case it
+    samples once the ring is full (the first one `phase % hop` samples later), unless that window contains an invalid sample, in which case it
     is skipped and counted in `skips` by reason (bad_quality wins over not_finite).
     """
 
-    def __init__(self, asset: AssetConfig, tag_index: np.ndarray, latest: LatestValues) -> None:
+    def __init__(self, asset: AssetConfig, tag_index: np.ndarray, latest: LatestValues, *, phase: int = 0) -> None:
         self.asset = asset.name
         self.tag_index = np.ascontiguousarray(tag_index, dtype=np.intp)
         if self.tag_index.shape != (len(asset.tags),):
@@ -130,7 +130,9 @@ class AssetSampler:
         n = len(asset.tags)
         self._last_good = np.full(n, np.nan, dtype=np.float64)
         self._last_good_ns = np.full(n, _NEVER, dtype=np.int64)
-        self._until_due = asset.window.length  # samples left until the next window is due
+        # Samples left until the next window is due. `phase` delays the first window by up to hop-1
+        # samples, so assets sampled together do not all fall due on the same tick (smooth load).
+        self._until_due = asset.window.length + phase % self.hop
         self.samples = 0
         self.windows_emitted = 0
         self.skips: dict[str, int] = {SKIP_BAD_QUALITY: 0, SKIP_NOT_FINITE: 0}

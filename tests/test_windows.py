@@ -87,14 +87,15 @@ def test_ring_window_matches_naive_reference(length: int, channels: int, appends
     hop_frac=st.floats(0.0, 1.0),
     channels=st.integers(1, 4),
     ticks=st.integers(0, 80),
+    phase=st.integers(0, 30),
 )
 def test_sampler_emits_exactly_every_hop_once_full(
-    length: int, hop_frac: float, channels: int, ticks: int
+    length: int, hop_frac: float, channels: int, ticks: int, phase: int
 ) -> None:
     hop = max(1, round(hop_frac * length))
     latest = LatestValues(channels + 1)
     tag_index = np.arange(channels)[::-1] + 1  # reversed and offset: the sampler must follow tag_index
-    sampler = AssetSampler(_asset(length, hop, channels), tag_index, latest)
+    sampler = AssetSampler(_asset(length, hop, channels), tag_index, latest, phase=phase)
     rows: list[list[float]] = []
     emitted_at: list[int] = []
     for t in range(ticks):
@@ -106,7 +107,7 @@ def test_sampler_emits_exactly_every_hop_once_full(
             emitted_at.append(t + 1)
             np.testing.assert_array_equal(window.data, np.array(rows[-length:]))
             assert window.sample_index == t + 1
-    assert emitted_at == list(range(length, ticks + 1, hop))
+    assert emitted_at == list(range(length + phase % hop, ticks + 1, hop))
     assert sampler.windows_emitted == len(emitted_at)
     assert sampler.samples == ticks
     assert sampler.skips == {"bad_quality": 0, "not_finite": 0}

@@ -1,17 +1,22 @@
-"""Launch a local mosquitto broker for the demo and the tests."""
+"""Launch a local MQTT broker for the demo and the tests: mosquitto, or amqtt when mosquitto is missing."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Literal, TypeVar
+
+import yaml
 
 from gateway.errors import GatewayError
 
@@ -19,10 +24,14 @@ logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 5.0
 _STOP_TIMEOUT_S = 5.0
+_INSTALL_HINT = "install it with pip install 'edge-gateway[demo]' or apt-get install mosquitto"
+
+MqttProtocol = Literal["5", "3.1.1"]
+_B = TypeVar("_B", bound="BrokerProcess")
 
 
 class BrokerError(GatewayError):
-    """mosquitto is missing, would not start, or would not stop."""
+    """The broker is missing, would not start, or would not stop."""
 
 
 def find_mosquitto() -> str | None:
@@ -40,17 +49,20 @@ def _port_free(host: str, port: int) -> bool:
         return True
 
 
-class MosquittoBroker:
-    """A mosquitto process on 127.0.0.1:`port`, persisting into `workdir`.
+class BrokerProcess:
+    """A broker child process on 127.0.0.1:`port`, with its config and log in `workdir`.
 
-    Without a workdir a temporary one is made at start and removed at stop; pass one to keep sessions
-    and queued messages across a stop/start (SIGTERM saves them).
+    Lifecycle: `start()` spawns it and returns once its port accepts connections (BrokerError if it
+    is missing, exits early or stays deaf); `stop()` SIGTERMs it, SIGKILL after a bound. Without a
+    workdir a temporary one is made at start and removed at stop. Subclasses say how to spawn it.
     """
 
-    def __init__(self, port: int, *, workdir: Path | None = None, allow_anonymous: bool = True) -> None:
+    name = "broker"
+    start_timeout_s = _START_TIMEOUT_S
+
+    def __init__(self, port: int, *, workdir: Path | None = None) -> None:
         self.port = port
         self.host = "127.0.0.1"
-        self._allow_anonymous = allow_anonymous
         self._own_workdir = workdir is None
         self._workdir = workdir
         self._proc: subprocess.Popen[bytes] | None = None
@@ -61,44 +73,42 @@ class MosquittoBroker:
         """True while the broker process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> MosquittoBroker:
-        """Write the config, spawn mosquitto and return once its port accepts connections."""
-        exe = find_mosquitto()
-        if exe is None:
-            raise BrokerError(
-                "mosquitto not found on PATH or in /usr/sbin; install it (apt-get install mosquitto)"
-            )
+    @property
+    def pid(self) -> int | None:
+        """The broker process id while it runs (the benchmark reports its CPU use)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _check_available(self) -> None:
+        """Raise BrokerError (one line, with the install hint) if the broker is not installed."""
+        raise NotImplementedError
+
+    def _command(self, workdir: Path) -> list[str]:
+        """Write the broker's config into `workdir` and return the command line that runs it."""
+        raise NotImplementedError
+
+    def start(self: _B) -> _B:
+        """Write the config, spawn the broker and return once its port accepts connections."""
+        self._check_available()
         if not _port_free(self.host, self.port):
             # Otherwise the readiness check would talk to whoever holds the port.
             raise BrokerError(f"port {self.host}:{self.port} is already in use")
         if self._workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="mosquitto-"))
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self._workdir.mkdir(parents=True, exist_ok=True)
-        conf = self._workdir / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} {self.host}",
-            f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
-            "persistence true",
-            f"persistence_location {self._workdir}/",
-            "log_dest stderr",
-        ]
-        if os.geteuid() == 0:
-            # As root mosquitto drops to user 'mosquitto', which cannot write the persistence dir.
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        self._log_path = self._workdir / "mosquitto.log"
+        cmd = self._command(self._workdir)
+        self._log_path = self._workdir / f"{self.name}.log"
         with self._log_path.open("wb") as log:
-            self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self._wait_accepting()
-        logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
+        logger.info("%s listening on %s:%d (pid %d)", self.name, self.host, self.port, self._proc.pid)
         return self
 
     def _wait_accepting(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._proc.poll() is not None:
-                message = f"mosquitto exited with {self._proc.returncode} at start: {self.log_tail()}"
+                message = f"{self.name} exited with {self._proc.returncode} at start: {self.log_tail()}"
                 self.stop()
                 raise BrokerError(message)
             try:
@@ -107,36 +117,112 @@ class MosquittoBroker:
             except OSError:
                 pass
             if time.monotonic() > deadline:
+                message = (
+                    f"{self.name} did not accept on port {self.port} within {self.start_timeout_s} s: "
+                    f"{self.log_tail()}"
+                )
                 self.stop()
-                raise BrokerError(f"mosquitto did not accept on port {self.port} within {_START_TIMEOUT_S} s")
-            time.sleep(0.01)  # bounded poll: mosquitto has no readiness notification
+                raise BrokerError(message)
+            time.sleep(0.01)  # bounded poll: neither broker has a readiness notification
 
     def log_tail(self, lines: int = 3) -> str:
-        """The last lines of mosquitto's log, joined into one line."""
+        """The last lines of the broker's log, joined into one line."""
         if self._log_path is None or not self._log_path.exists():
             return ""
         text = self._log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         return " | ".join(text[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM mosquitto (it saves its sessions) and wait; SIGKILL if it does not exit in time."""
+        """SIGTERM the broker and wait; SIGKILL if it does not exit in time."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                logger.warning("mosquitto (pid %d) ignored SIGTERM; killing it", proc.pid)
+                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, proc.pid)
                 proc.kill()
                 proc.wait(timeout=_STOP_TIMEOUT_S)
         if self._own_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> MosquittoBroker:
+    def __enter__(self: _B) -> _B:
         return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class MosquittoBroker(BrokerProcess):
+    """A mosquitto process on 127.0.0.1:`port`, persisting into `workdir`.
+
+    Pass a workdir to keep sessions and queued messages across a stop/start (SIGTERM saves them).
+    """
+
+    name = "mosquitto"
+
+    def __init__(self, port: int, *, workdir: Path | None = None, allow_anonymous: bool = True) -> None:
+        super().__init__(port, workdir=workdir)
+        self._allow_anonymous = allow_anonymous
+
+    def _check_available(self) -> None:
+        if find_mosquitto() is None:
+            raise BrokerError(
+                "mosquitto not found on PATH or in /usr/sbin; install it (apt-get install mosquitto)"
+            )
+
+    def _command(self, workdir: Path) -> list[str]:
+        exe = find_mosquitto()
+        assert exe is not None  # checked by _check_available
+        lines = [
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
+            "persistence true",
+            f"persistence_location {workdir}/",
+            "log_dest stderr",
+            # Without it the broker's small PUBACKs wait out Nagle + delayed ACK (~40 ms) in bursts.
+            "set_tcp_nodelay true",
+        ]
+        if os.geteuid() == 0:
+            # As root mosquitto drops to user 'mosquitto', which cannot write the persistence dir.
+            lines.append("user root")
+        conf = workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return [exe, "-c", str(conf)]
+
+
+class EmbeddedBroker(BrokerProcess):
+    """The pure-Python amqtt broker (MQTT 3.1.1 only) on 127.0.0.1:`port`, anonymous, in memory.
+
+    It runs in its own process so it shares neither the gateway's event loop nor its GIL.
+    Nothing persists: a restart loses retained messages and sessions.
+    """
+
+    name = "amqtt"
+    # Importing amqtt (typer, rich, transitions) takes a while on a small, busy device.
+    start_timeout_s = 20.0
+
+    def _check_available(self) -> None:
+        # find_spec locates the package without importing it (and its import-time warnings) here.
+        if importlib.util.find_spec("amqtt") is None:
+            raise BrokerError(f"the embedded MQTT broker needs the amqtt package: {_INSTALL_HINT}")
+
+    def _command(self, workdir: Path) -> list[str]:
+        # Only anonymous auth: amqtt's default config adds a 0.0.0.0 listener, $SYS topics and packet logging.
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        conf = workdir / "amqtt.yaml"
+        conf.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+
+
+def choose_demo_broker(port: int, workdir: Path) -> tuple[BrokerProcess, MqttProtocol]:
+    """mosquitto (MQTT 5) when it is installed, else the embedded amqtt broker (MQTT 3.1.1); not started."""
+    if find_mosquitto() is not None:
+        return MosquittoBroker(port, workdir=workdir / "mosquitto"), "5"
+    return EmbeddedBroker(port, workdir=workdir / "amqtt"), "3.1.1"

@@ -21,7 +21,7 @@ import yaml
 
 from gateway.config import load_config
 from gateway.demo import signals
-from gateway.demo.broker import MosquittoBroker, find_mosquitto
+from gateway.demo.broker import MqttProtocol, choose_demo_broker
 from gateway.errors import GatewayError
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -36,7 +36,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_config(*, opc_port: int, mqtt_port: int, db_path: Path, pumps: int = DEMO_PUMPS) -> dict[str, Any]:
+def demo_config(
+    *, opc_port: int, mqtt_port: int, db_path: Path, pumps: int = DEMO_PUMPS, protocol: MqttProtocol = "5"
+) -> dict[str, Any]:
     """The demo's gateway config as a YAML-ready dict (also what the end-to-end tests run)."""
     return {
         "gateway": {"id": "demo-gw", "shutdown_timeout_s": 4.0},
@@ -77,6 +79,7 @@ def demo_config(*, opc_port: int, mqtt_port: int, db_path: Path, pumps: int = DE
         "mqtt": {
             "host": "127.0.0.1",
             "port": mqtt_port,
+            "protocol": protocol,
             "site": "demo",
             "topic_prefix": "edge",
             "publish_scores": True,
@@ -95,17 +98,8 @@ def simulator_process(
     port: int, *, pumps: int, rate_hz: float = 10.0, extra: list[str] | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     """Run the simulated PLC in its own process, as a real PLC would be; stopped on exit."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway.demo.simulator",
-        "--port",
-        str(port),
-        "--pumps",
-        str(pumps),
-        "--rate",
-        str(rate_hz),
-    ]
+    cmd = [sys.executable, "-m", "gateway.demo.simulator", "--log-level", "warning"]
+    cmd += ["--port", str(port), "--pumps", str(pumps), "--rate", str(rate_hz)]
     proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -127,12 +121,16 @@ def simulator_process(
 class AlarmView:
     """A real MQTT subscriber that prints alarms as SCADA would receive them, plus a score line."""
 
-    def __init__(self, host: str, port: int, prefix: str, site: str) -> None:
+    def __init__(self, host: str, port: int, prefix: str, site: str, *, protocol: MqttProtocol = "5") -> None:
         self.alarms: list[dict[str, Any]] = []
         self.scores: dict[str, float] = {}
         self.status: dict[str, Any] = {}
         self._loop = asyncio.get_running_loop()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-view-{port}")
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"demo-view-{port}",
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+        )
         self._client.on_connect = lambda c, *_: c.subscribe([(f"{prefix}/{site}/#", 1)])
         self._client.on_message = self._on_message
         self._client.connect(host, port)
@@ -176,28 +174,28 @@ async def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
     """Run the whole demo; returns 0 when it ran (and ended by itself or by Ctrl-C)."""
     from gateway.app import Gateway
 
-    logging.getLogger("gateway").setLevel(logging.WARNING)
-    if find_mosquitto() is None:
-        raise GatewayError(
-            "the demo needs the mosquitto broker: install it (Debian/Ubuntu: apt-get install mosquitto)"
-        )
+    # The view below shows what SCADA receives; the gateway's own log would only repeat it.
+    logging.getLogger("gateway").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         wd = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-gateway-demo-")))
         wd.mkdir(parents=True, exist_ok=True)
         opc_port, mqtt_port = free_port(), free_port()
-        broker = stack.enter_context(MosquittoBroker(mqtt_port, workdir=wd / "mosquitto"))
+        broker, protocol = choose_demo_broker(mqtt_port, wd)
+        stack.enter_context(broker)
         stack.enter_context(simulator_process(opc_port, pumps=DEMO_PUMPS))
         cfg_path = write_config(
-            demo_config(opc_port=opc_port, mqtt_port=mqtt_port, db_path=wd / "demo.db"), wd / "config.yaml"
+            demo_config(opc_port=opc_port, mqtt_port=mqtt_port, db_path=wd / "demo.db", protocol=protocol),
+            wd / "config.yaml",
         )
         print(
             f"demo: PLC simulator opc.tcp://127.0.0.1:{opc_port}, broker {broker.host}:{mqtt_port}, config {cfg_path}"
         )
+        print(f"demo: MQTT broker {broker.name} (pid {broker.pid}), MQTT {protocol}")
         print(
             f"demo: pump{DEMO_FAULT_PUMP:02d} develops a bearing fault after ~20 s; pump03 pressure goes Bad at 8-14 s, pump04 flow sends NaN at 16-19 s"
         )
         cfg = load_config(cfg_path)
-        view = AlarmView("127.0.0.1", mqtt_port, cfg.mqtt.topic_prefix, cfg.mqtt.site)
+        view = AlarmView("127.0.0.1", mqtt_port, cfg.mqtt.topic_prefix, cfg.mqtt.site, protocol=protocol)
         stack.callback(view.close)
         gateway = Gateway(cfg)
         shutdown = asyncio.Event()
@@ -218,7 +216,7 @@ async def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
         raised = [a for a in view.alarms if a["event"] == "raised"]
         print(f"demo: {len(raised)} alarm(s) raised over MQTT: {sorted({a['asset'] for a in raised})}")
         for asset, info in status["assets"].items():
-            if info["skips"]:
+            if any(info["skips"].values()):
                 print(f"demo: {asset} skipped windows (not inferred on bad data): {info['skips']}")
         print(f"demo: database {cfg.storage.path}" if workdir else "demo: done")
         return code

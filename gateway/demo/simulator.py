@@ -302,6 +302,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     fault.add_argument("--no-fault", action="store_true", help="no pump develops a fault")
     parser.add_argument("--fault-at", type=float, default=20.0, help="seconds after start the fault begins")
+    parser.add_argument(
+        "--no-bad-data", action="store_true", help="no Bad-status sensor (pump03) and no NaN sensor (pump04)"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
 
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the simulator until SIGTERM or SIGINT; returns the process exit code."""
     args = _parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level.upper()), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("asyncua").setLevel(logging.WARNING)
     try:
@@ -340,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             fault_pump=None if args.no_fault else args.fault_pump or min(2, args.pumps),
             fault_at_s=args.fault_at,
             # The default bad and NaN windows need pumps 3 and 4; smaller plants go without.
-            bad_tag=(3, "pressure") if args.pumps >= 3 else None,
-            nan_tag=(4, "flow") if args.pumps >= 4 else None,
+            bad_tag=(3, "pressure") if args.pumps >= 3 and not args.no_bad_data else None,
+            nan_tag=(4, "flow") if args.pumps >= 4 and not args.no_bad_data else None,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

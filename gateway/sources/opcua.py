@@ -21,6 +21,7 @@ from asyncua import Client, ua
 from gateway.config import SourceConfig
 from gateway.errors import SourceError
 from gateway.latest import BAD_COMMUNICATION_ERROR, BAD_NOT_CONNECTED, BAD_TYPE_MISMATCH, LatestValues
+from gateway.tasks import Pulse
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class OpcUaPollSource:
         self._status_buf: list[int] = [0] * n
         self._ts_buf: list[float] = [0.0] * n
         self._connected = asyncio.Event()
+        # Samplers of this source's assets wake on it, so a sample is taken as soon as a read lands.
+        self.updated = Pulse()
         self._failures = 0
         self._previous_error: str | None = None
 
@@ -206,6 +209,7 @@ class OpcUaPollSource:
         self._ts_s[:] = ts_s
         source_ts = np.rint(self._ts_s * 1e6).astype(np.int64) * 1000
         self.latest.write(self._idx, self._value, self._status, source_ts, recv_ns)
+        self.updated.notify()
         self.stats.reads += 1
         self.stats.values += n
 
@@ -243,6 +247,7 @@ class OpcUaPollSource:
         self.stats.connected = False
         self._connected.clear()
         self.latest.mark_bad(self._idx, status, time.monotonic_ns())
+        self.updated.notify()
 
     def _log_failure(self, delay: float) -> None:
         # A PLC that stays off would repeat the same line every backoff period; say it once.
