@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -37,6 +38,12 @@ class BrokerError(GatewayError):
 def find_mosquitto() -> str | None:
     """The mosquitto executable on PATH or in /usr/sbin (Debian installs it there), or None."""
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+def amqtt_installed() -> bool:
+    """True if the amqtt package (the embedded broker) can be imported; it is not imported here."""
+    # find_spec locates a top-level package without importing it (nor its import-time warnings).
+    return importlib.util.find_spec("amqtt") is not None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -197,17 +204,16 @@ class MosquittoBroker(BrokerProcess):
 class EmbeddedBroker(BrokerProcess):
     """The pure-Python amqtt broker (MQTT 3.1.1 only) on 127.0.0.1:`port`, anonymous, in memory.
 
-    It runs in its own process so it shares neither the gateway's event loop nor its GIL.
-    Nothing persists: a restart loses retained messages and sessions.
+    It runs in its own process (`python -m gateway.demo.broker CONFIG`, see `serve_amqtt`) so it shares
+    neither the gateway's event loop nor its GIL. Nothing persists: a restart loses retained messages.
     """
 
     name = "amqtt"
-    # Importing amqtt (typer, rich, transitions) takes a while on a small, busy device.
-    start_timeout_s = 20.0
+    # Importing amqtt takes ~0.2 s here; leave room for a small, busy device.
+    start_timeout_s = 10.0
 
     def _check_available(self) -> None:
-        # find_spec locates the package without importing it (and its import-time warnings) here.
-        if importlib.util.find_spec("amqtt") is None:
+        if not amqtt_installed():
             raise BrokerError(f"the embedded MQTT broker needs the amqtt package: {_INSTALL_HINT}")
 
     def _command(self, workdir: Path) -> list[str]:
@@ -218,7 +224,8 @@ class EmbeddedBroker(BrokerProcess):
         }
         conf = workdir / "amqtt.yaml"
         conf.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+        # Not amqtt's own CLI: it keeps running, deaf, when its listener cannot bind.
+        return [sys.executable, "-m", __name__, str(conf)]
 
 
 def choose_demo_broker(port: int, workdir: Path) -> tuple[BrokerProcess, MqttProtocol]:
@@ -226,3 +233,36 @@ def choose_demo_broker(port: int, workdir: Path) -> tuple[BrokerProcess, MqttPro
     if find_mosquitto() is not None:
         return MosquittoBroker(port, workdir=workdir / "mosquitto"), "5"
     return EmbeddedBroker(port, workdir=workdir / "amqtt"), "3.1.1"
+
+
+async def serve_amqtt(config: dict[str, Any]) -> None:
+    """Run an amqtt broker with `config` until SIGTERM/SIGINT; amqtt's BrokerError if it cannot listen."""
+    from amqtt.broker import Broker  # only in the broker's own process: the gateway never imports amqtt
+
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.shutdown()
+
+
+def _amqtt_main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # one line per session state change
+    config = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
+    from amqtt.errors import BrokerError as AmqttBrokerError
+
+    try:
+        asyncio.run(serve_amqtt(config))
+    except AmqttBrokerError as exc:
+        # The parent shows the log's last lines: keep the reason on the last one.
+        print(f"amqtt could not start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_amqtt_main(sys.argv[1:]))

@@ -21,7 +21,7 @@ import yaml
 
 from gateway.config import load_config
 from gateway.demo import signals
-from gateway.demo.broker import MqttProtocol, choose_demo_broker
+from gateway.demo.broker import EmbeddedBroker, MqttProtocol, choose_demo_broker
 from gateway.errors import GatewayError
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -190,7 +190,10 @@ async def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
         print(
             f"demo: PLC simulator opc.tcp://127.0.0.1:{opc_port}, broker {broker.host}:{mqtt_port}, config {cfg_path}"
         )
-        print(f"demo: MQTT broker {broker.name} (pid {broker.pid}), MQTT {protocol}")
+        fallback = (
+            " (mosquitto not found: embedded Python broker)" if isinstance(broker, EmbeddedBroker) else ""
+        )
+        print(f"demo: MQTT broker {broker.name}{fallback}, pid {broker.pid}, MQTT {protocol}")
         print(
             f"demo: pump{DEMO_FAULT_PUMP:02d} develops a bearing fault after ~20 s; pump03 pressure goes Bad at 8-14 s, pump04 flow sends NaN at 16-19 s"
         )
