@@ -62,21 +62,47 @@ class Supervisor:
             logger.error("task %s did not stop within %.1f s", task.get_name(), timeout)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """True if `event` is set within `timeout` seconds.
+
+    Unlike `asyncio.wait_for` on Python 3.10/3.11, this never swallows a cancellation that arrives
+    together with the event, so a task waiting here always stops when cancelled.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
 class Pulse:
-    """Wakes every waiter each time `notify()` is called (an Event that re-arms itself)."""
+    """Wakes every waiter each time `notify()` is called (an Event that re-arms itself).
+
+    Built on bare futures rather than `asyncio.wait_for`, whose Python 3.10/3.11 versions can
+    swallow a cancellation that arrives together with the wake-up, leaving a task that will not stop.
+    """
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._waiters: set[asyncio.Future[bool]] = set()
 
     def notify(self) -> None:
         """Wake everyone waiting now; later waiters wait for the next notify."""
-        self._event.set()
-        self._event = asyncio.Event()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(True)
+        self._waiters.clear()
 
     async def wait(self, timeout: float) -> bool:
         """True if notified within `timeout` seconds, False otherwise."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._waiters.add(fut)
+        timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(False))
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            return await fut
+        finally:
+            timer.cancel()
+            self._waiters.discard(fut)

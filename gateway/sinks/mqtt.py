@@ -35,6 +35,7 @@ from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
 from gateway.store import Store
+from gateway.tasks import wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +217,7 @@ class MqttPublisher:
         """Wait up to `timeout` seconds for a connection; True if connected."""
         if self._connected_evt is None:
             return False
-        try:
-            await asyncio.wait_for(self._connected_evt.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._connected_evt, timeout)
         return self._connected
 
     async def publish(
@@ -400,10 +398,7 @@ async def drain_outbox(
             last_problem = None
             wait_s = delay = retry_s
         if publisher.connected:
-            try:
-                await asyncio.wait_for(wake.wait(), wait_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(wake, wait_s)
         else:
             await publisher.wait_connected(wait_s)
 
