@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -171,9 +172,18 @@ class MosquittoBroker(BrokerProcess):
 
     name = "mosquitto"
 
-    def __init__(self, port: int, *, workdir: Path | None = None, allow_anonymous: bool = True) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        workdir: Path | None = None,
+        allow_anonymous: bool = True,
+        extra_config: Sequence[str] = (),
+    ) -> None:
         super().__init__(port, workdir=workdir)
         self._allow_anonymous = allow_anonymous
+        # Appended after the listener line, so per-listener options (cafile, certfile, ...) apply to it.
+        self._extra_config = list(extra_config)
 
     def _check_available(self) -> None:
         if find_mosquitto() is None:
@@ -196,6 +206,7 @@ class MosquittoBroker(BrokerProcess):
         if os.geteuid() == 0:
             # As root mosquitto drops to user 'mosquitto', which cannot write the persistence dir.
             lines.append("user root")
+        lines += self._extra_config
         conf = workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return [exe, "-c", str(conf)]
