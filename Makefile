@@ -34,7 +34,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check gateway edge_models tests
+	$(BIN)/ruff check gateway edge_models tests benchmarks
 
 clean:
 	rm -rf $(VENV) .venv-* .pytest_cache build *.egg-info
