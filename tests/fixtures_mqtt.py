@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.alarms import AlarmEvent, EventType
-from gateway.demo.broker import MosquittoBroker, find_mosquitto
+from gateway.demo.broker import EmbeddedBroker, MosquittoBroker, MqttProtocol, amqtt_installed, find_mosquitto
 from tests.conftest import free_port
 
 
@@ -27,6 +27,15 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
     with MosquittoBroker(free_port(), workdir=tmp_path / "mosquitto") as broker:
+        yield broker
+
+
+@pytest.fixture
+def amqtt_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A running embedded (amqtt) broker on a free loopback port, stopped at teardown."""
+    if not amqtt_installed():
+        pytest.skip("amqtt is not installed (pip install 'edge-gateway[demo]')")
+    with EmbeddedBroker(free_port(), workdir=tmp_path / "amqtt") as broker:
         yield broker
 
 
@@ -57,26 +66,38 @@ class Subscriber:
     """A real paho client that subscribes to `topic` and collects messages (thread-safe)."""
 
     def __init__(
-        self, port: int, topic: str = "#", *, qos: int = 1, client_id: str = "", session_expiry_s: int = 0
+        self,
+        port: int,
+        topic: str = "#",
+        *,
+        qos: int = 1,
+        client_id: str = "",
+        session_expiry_s: int = 0,
+        protocol: MqttProtocol = "5",
     ) -> None:
         self._port = port
+        self._v5 = protocol == "5"
         self._topic = topic
         self._qos = qos
         self._session_expiry_s = session_expiry_s
         self._messages: list[Received] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        version = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
     def __enter__(self) -> Subscriber:
-        # A session expiry > 0 makes the broker queue QoS 1 messages for this client id while it is away.
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        clean = self._session_expiry_s == 0
-        self._client.connect("127.0.0.1", self._port, keepalive=30, clean_start=clean, properties=props)
+        if self._v5:
+            # A session expiry > 0 makes the broker queue QoS 1 messages for this client id while away.
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._session_expiry_s
+            clean = self._session_expiry_s == 0
+            self._client.connect("127.0.0.1", self._port, keepalive=30, clean_start=clean, properties=props)
+        else:  # MQTT 3.1.1 (amqtt speaks nothing else) takes no CONNECT properties
+            self._client.connect("127.0.0.1", self._port, keepalive=30)
         self._client.loop_start()
         if not self._subscribed.wait(10):
             self.__exit__(None, None, None)

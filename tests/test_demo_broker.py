@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
-import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -28,35 +25,6 @@ from tests.fixtures_mqtt import Received, Subscriber, make_event
 needs_amqtt = pytest.mark.skipif(
     not demo_broker.amqtt_installed(), reason="amqtt is not installed (pip install 'edge-gateway[demo]')"
 )
-
-
-@pytest.fixture
-def amqtt_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A running embedded broker on a free loopback port, stopped at teardown."""
-    if not demo_broker.amqtt_installed():
-        pytest.skip("amqtt is not installed")
-    with EmbeddedBroker(free_port(), workdir=tmp_path / "amqtt") as broker:
-        yield broker
-
-
-class Subscriber311(Subscriber):
-    """The shared collecting Subscriber over MQTT 3.1.1, the only version amqtt speaks."""
-
-    def __init__(self, port: int, topic: str = "#", *, qos: int = 1) -> None:
-        super().__init__(port, topic, qos=qos)
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-
-    def __enter__(self) -> Subscriber311:
-        # MQTT 3.1.1 connects take no v5 properties (session expiry), hence no super().__enter__().
-        self._client.connect("127.0.0.1", self._port, keepalive=30)
-        self._client.loop_start()
-        if not self._subscribed.wait(10):
-            self.__exit__(None, None, None)
-            raise AssertionError(f"subscriber got no SUBACK for {self._topic}")
-        return self
 
 
 def _cfg(port: int) -> MqttConfig:
@@ -83,7 +51,7 @@ def test_paho_311_clients_exchange_qos1_through_the_embedded_broker(amqtt_broker
     acked = threading.Event()
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub311", protocol=mqtt.MQTTv311)
     pub.on_publish = lambda _c, _u, _mid, rc, _p: None if rc.is_failure else acked.set()
-    with Subscriber311(amqtt_broker.port, "plant/#") as sub:
+    with Subscriber(amqtt_broker.port, "plant/#", protocol="3.1.1") as sub:
         pub.connect("127.0.0.1", amqtt_broker.port)
         pub.loop_start()
         try:
@@ -112,7 +80,7 @@ def test_publisher_alarm_arrives_through_the_embedded_broker(amqtt_broker: Embed
         await pub.stop()
         return pub
 
-    with Subscriber311(amqtt_broker.port, "edge/plant1/+/alarm") as sub:
+    with Subscriber(amqtt_broker.port, "edge/plant1/+/alarm", protocol="3.1.1") as sub:
         pub = asyncio.run(main())
         (msg,) = sub.wait_for(1)
     # The alarm, then the retained offline status at stop, each acknowledged.
@@ -127,50 +95,19 @@ def test_status_is_retained_and_a_clean_stop_leaves_offline(amqtt_broker: Embedd
 
     async def main() -> list[Received]:
         pub = _publisher(cfg)
-        with Subscriber311(amqtt_broker.port, topic) as early:
+        with Subscriber(amqtt_broker.port, topic, protocol="3.1.1") as early:
             await pub.start()
             await early.await_for(lambda msgs: _states(msgs) == ["online"])
-        with Subscriber311(amqtt_broker.port, topic) as late:
+        with Subscriber(amqtt_broker.port, topic, protocol="3.1.1") as late:
             online = await late.await_for(1)
         await pub.stop()
         return online
 
     online = asyncio.run(main())
-    with Subscriber311(amqtt_broker.port, topic) as late:
+    with Subscriber(amqtt_broker.port, topic, protocol="3.1.1") as late:
         offline = late.wait_for(1)
     assert _retained_states(online) == {"online"}
     assert _retained_states(offline) == {"offline"}
-
-
-_KILLED_GATEWAY = """
-import asyncio, sys
-from gateway.config import MqttConfig
-from gateway.sinks.mqtt import MqttPublisher
-
-async def main():
-    cfg = MqttConfig(port=int(sys.argv[1]), site="plant1", protocol="3.1.1")
-    pub = MqttPublisher(cfg, gateway_id="gwkill", version="0.1.0", started_at="x")
-    await pub.start()
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-
-def test_last_will_marks_a_killed_gateway_offline(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
-    topic = status_topic(_cfg(amqtt_broker.port), "gwkill")
-    errors = tmp_path / "child.err"
-    with Subscriber311(amqtt_broker.port, topic) as sub, errors.open("wb") as err:
-        child = subprocess.Popen([sys.executable, "-c", _KILLED_GATEWAY, str(amqtt_broker.port)], stderr=err)
-        try:
-            sub.wait_for(lambda msgs: _states(msgs) == ["online"], timeout=30)
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
-        assert child.returncode == -signal.SIGKILL, errors.read_text()
-        sub.wait_for(lambda msgs: _states(msgs) == ["online", "offline"])
-    with Subscriber311(amqtt_broker.port, topic) as late:
-        assert _retained_states(late.wait_for(1)) == {"offline"}
 
 
 def test_demo_picks_the_embedded_broker_only_without_mosquitto(
