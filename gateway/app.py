@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.alarms import AlarmEngine, build_rules
+from gateway.alarms import AlarmEngine, AlarmRule, AlarmState, build_rules
 from gateway.config import GatewayConfig
-from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, PublishError
+from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
 from gateway.inference.worker import InferenceWorker
 from gateway.latest import LatestValues
 from gateway.metrics import LatencyReservoir
@@ -31,7 +31,7 @@ from gateway.sinks.mqtt import (
 )
 from gateway.sources.opcua import OpcUaPollSource, SourceTag
 from gateway.store import Store
-from gateway.tasks import Supervisor
+from gateway.tasks import Supervisor, wait_for
 from gateway.windows import AssetSampler, Window
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Windows waiting for inference per model; beyond this the oldest are dropped (latest state matters).
 WINDOW_QUEUE_SIZE = 4096
 SCORE_QUEUE_SIZE = 4096
+SCORE_INFLIGHT = 10
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Counters:
     missed_ticks: int = 0
     windows_inferred: int = 0
     inference_calls: int = 0
+    inference_errors: int = 0
     alarm_events: int = 0
     scores_published: int = 0
     scores_dropped: int = 0
@@ -115,13 +117,17 @@ class Gateway:
         self._inference_tasks: list[asyncio.Task[None]] = []
         self._score_task: asyncio.Task[None] | None = None
         self._outbox_task: asyncio.Task[None] | None = None
+        self._last_inference_error = ""
 
     async def start(self) -> None:
         """Open the store, load models, connect MQTT, start acquisition and the pipeline tasks."""
         await self.store.start()
         manifests = await self.worker.call(load_manifests, self.cfg)
         self.models = await self.worker.call(load_models, self.cfg, manifests)
-        self.engine = AlarmEngine(build_rules(self.cfg, manifests), gateway_id=self.cfg.gateway.id)
+        rules = build_rules(self.cfg, manifests)
+        self.engine = AlarmEngine(
+            rules, gateway_id=self.cfg.gateway.id, states=await self._restored_alarms(rules)
+        )
         for name, model in self.models.items():
             self.queues[name] = WindowQueue()
             for asset in model.columns:
@@ -153,6 +159,30 @@ class Gateway:
             len(self.models),
         )
 
+    async def _restored_alarms(self, rules: list[AlarmRule]) -> dict[tuple[str, str], AlarmState]:
+        """Alarms active at the last stop stay active under their ids, to be cleared, not raised again."""
+        covered = {(r.name, a) for r in rules for a in r.assets}
+        states: dict[tuple[str, str], AlarmState] = {}
+        for alarm in await self.store.active_alarms():
+            if (alarm.rule, alarm.asset) not in covered:
+                logger.warning(
+                    "alarm %s (%s on %s) is active in the store but no configured rule covers it any more",
+                    alarm.alarm_id,
+                    alarm.rule,
+                    alarm.asset,
+                )
+                continue
+            states[(alarm.rule, alarm.asset)] = AlarmState(
+                active=True,
+                alarm_id=alarm.alarm_id,
+                first_abnormal_source_ts_ns=alarm.first_abnormal_source_ts_ns or 0,
+                raised_value=alarm.raised_value,
+                raised_at_ns=alarm.raised_at_ns or 0,
+            )
+        if states:
+            logger.info("restored %d active alarm(s) from %s", len(states), self.cfg.storage.path)
+        return states
+
     async def run(self, shutdown: asyncio.Event) -> int:
         """Start, run until `shutdown` is set or a stage fails, then stop; returns an exit code."""
         try:
@@ -183,7 +213,7 @@ class Gateway:
             # One last bounded attempt to hand stored alarm events to the broker; what is left stays
             # in the outbox and goes out after the next start.
             try:
-                await asyncio.wait_for(drain_once(self.store, self.publisher), left(1.0))
+                await wait_for(drain_once(self.store, self.publisher), left(1.0))
             except (asyncio.TimeoutError, GatewayError) as exc:
                 logger.warning(
                     "outbox not fully delivered before stopping (%s); sent after the next start",
@@ -239,8 +269,16 @@ class Gateway:
             if not windows:
                 continue
             batch = np.stack([w.data[:, model.columns[w.asset]] for w in windows])
-            outputs = await self.worker.call(model.backend.run, model.normalizer.apply(batch))
-            values = model.manifest.values(outputs)
+            try:
+                outputs = await self.worker.call(model.backend.run, model.normalizer.apply(batch))
+                values = model.manifest.values(outputs)
+            except ModelError as exc:
+                # The backend stays usable; these windows are lost, counted, and said once per reason.
+                self.counters.inference_errors += 1
+                if str(exc) != self._last_inference_error:
+                    logger.error("model %s: inference failed: %s", model.cfg.name, exc)
+                self._last_inference_error = str(exc)
+                continue
             self.counters.inference_calls += 1
             self.counters.windows_inferred += len(windows)
             await self._decide(model, windows, values)
@@ -301,12 +339,16 @@ class Gateway:
     async def _publish_scores(self) -> None:
         """Publish per-window scores; each latency is acquisition of the newest sample to its PUBACK."""
 
+        # Scores hold at most SCORE_INFLIGHT of the publisher's in-flight slots: alarms always find one.
+        slots = asyncio.Semaphore(SCORE_INFLIGHT)
+
         async def publish_one(topic: str, payload: bytes, recv_ns: int) -> None:
-            try:
-                await self.publisher.publish(topic, payload, qos=self.cfg.mqtt.qos)
-            except PublishError:
-                self.counters.scores_dropped += 1
-                return
+            async with slots:
+                try:
+                    await self.publisher.publish(topic, payload, qos=self.cfg.mqtt.qos)
+                except PublishError:
+                    self.counters.scores_dropped += 1
+                    return
             self.counters.scores_published += 1
             self.latency.add((time.monotonic_ns() - recv_ns) / 1e9)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,7 +63,9 @@ async def _run_until_signalled(cfg_path: Path) -> int:
             shutdown.set()
         else:
             logger.error("second signal: exiting without a clean shutdown")
-            sys.exit(EXIT_RUNTIME)
+            logging.shutdown()
+            # sys.exit would still wait for the loop's tasks and worker threads, which may be what hangs.
+            os._exit(EXIT_RUNTIME)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

@@ -26,6 +26,7 @@ from sqlite_utils import Database
 
 from gateway.alarms import AlarmEvent
 from gateway.errors import StoreError
+from gateway.tasks import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'cleared', ?, ?, ?)
 ON CONFLICT(alarm_id) DO UPDATE SET
     state = 'cleared', cleared_at_ns = excluded.cleared_at_ns, cleared_value = excluded.cleared_value
 """
+
+
+class ActiveAlarm(NamedTuple):
+    """An alarm whose last stored transition is `raised`."""
+
+    alarm_id: str
+    asset: str
+    rule: str
+    first_abnormal_source_ts_ns: int
+    raised_value: float
+    raised_at_ns: int
 
 
 class OutboxMessage(NamedTuple):
@@ -173,6 +185,18 @@ class Store:
 
         return await self._submit_read(read)
 
+    async def active_alarms(self) -> list[ActiveAlarm]:
+        """Alarms still active when the gateway last stopped, so a restart neither forgets nor repeats them."""
+
+        def read(db: Database) -> list[ActiveAlarm]:
+            cur = db.execute(
+                "SELECT alarm_id, asset, rule, first_abnormal_source_ts_ns, raised_value, raised_at_ns "
+                "FROM alarms WHERE state = 'active'"
+            )
+            return [ActiveAlarm(*r) for r in cur.fetchall()]
+
+        return await self._submit_read(read)
+
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that the broker acknowledged these events."""
         if not event_ids:
@@ -195,7 +219,7 @@ class Store:
             self._stopping = True
             self._cond.notify()
         try:
-            await asyncio.wait_for(asyncio.shield(closed), timeout)
+            await wait_for(asyncio.shield(closed), timeout)
         except asyncio.TimeoutError:
             with self._cond:
                 lost = len(self._events)
@@ -204,7 +228,7 @@ class Store:
             logger.error("store: could not flush within %.1f s; %d alarm events not saved", timeout, lost)
             try:
                 # The writer may be inside one SQLite call, which the busy timeout bounds.
-                await asyncio.wait_for(asyncio.shield(closed), self._busy_timeout_s + 1.0)
+                await wait_for(asyncio.shield(closed), self._busy_timeout_s + 1.0)
             except asyncio.TimeoutError:
                 logger.error("store: writer thread did not finish; leaving it behind")
                 return

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# asyncio.wait_for before 3.12 can swallow a cancellation that arrives as the awaited thing finishes,
+# leaving a task that does not stop (cpython#86296); wait_for2 is the fixed backport.
+if sys.version_info >= (3, 12):
+    from asyncio import wait_for
+else:  # pragma: no cover - depends on the interpreter
+    from wait_for2 import wait_for
+
+__all__ = ["Pulse", "Supervisor", "wait_event", "wait_for"]
 
 
 class Supervisor:

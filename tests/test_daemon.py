@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -19,7 +20,7 @@ def scores_in(db: Path) -> int:
     if not db.exists():
         return 0
     try:
-        with sqlite3.connect(db, timeout=1) as conn:
+        with contextlib.closing(sqlite3.connect(db, timeout=1)) as conn:
             return int(conn.execute("select count(*) from scores").fetchone()[0])
     except sqlite3.OperationalError:  # table not created yet
         return 0
@@ -52,6 +53,6 @@ def test_sigterm_exits_0_within_5_s_and_leaves_sqlite_consistent(tmp_path: Path,
         assert "Traceback" not in stderr and "did not stop" not in stderr
         assert "SIGTERM received" in stderr and "stopped" in stderr
         sub.wait_for(lambda msgs: any(json.loads(m.payload)["state"] == "offline" for m in msgs), timeout=10)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert conn.execute("select count(*) from scores").fetchone()[0] > 0

@@ -5,7 +5,7 @@ to the event loop with `call_soon_threadsafe`, where futures keyed by message id
 
 Alarm payload (JSON, schema 1): alarm_id, event_id, event ("raised" | "cleared"), gateway_id, site,
 asset, rule, kind, output, severity, value, threshold, model, model_version,
-first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"), decided_at (ISO 8601 UTC, ms, "Z"), schema.
+first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"; null when the PLC sends no timestamps), decided_at (ISO 8601 UTC, ms, "Z"), schema.
 Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is at least once.
 
 Score payload (only with mqtt.publish_scores): asset, model, model_version, values {name: number},
@@ -35,7 +35,7 @@ from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
 from gateway.store import Store
-from gateway.tasks import wait_event
+from gateway.tasks import wait_event, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ MAX_INFLIGHT = 20
 # the outbox keeps the alarm and retries).
 MAX_QUEUED = 1000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def iso_utc_or_none(ns: int) -> str | None:
+    """Like iso_utc, but None for 0, which means the PLC sent no timestamp (not 1970)."""
+    return iso_utc(ns) if ns else None
 
 
 def iso_utc(ns: int) -> str:
@@ -83,7 +88,7 @@ def alarm_payload(event: AlarmEvent, *, site: str) -> bytes:
         "kind": event.kind, "output": event.output, "severity": event.severity,
         "value": _finite(event.value), "threshold": _finite(event.threshold),
         "model": event.model, "model_version": event.model_version,
-        "first_abnormal_source_ts": iso_utc(event.first_abnormal_source_ts_ns),
+        "first_abnormal_source_ts": iso_utc_or_none(event.first_abnormal_source_ts_ns),
         "decided_at": iso_utc(event.decided_at_ns), "schema": SCHEMA_VERSION,
     })  # fmt: skip
 
@@ -102,7 +107,7 @@ def score_payload(
     return _dumps({
         "asset": asset, "model": model, "model_version": model_version,
         "values": {k: _finite(v) for k, v in values.items()},
-        "window_end_source_ts": iso_utc(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
+        "window_end_source_ts": iso_utc_or_none(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
         "schema": SCHEMA_VERSION,
     })  # fmt: skip
 
@@ -228,7 +233,7 @@ class MqttPublisher:
         if self._inflight is None or self._loop is None:
             raise self._failed("publisher not started")
         try:
-            await asyncio.wait_for(self._inflight.acquire(), timeout)
+            await wait_for(self._inflight.acquire(), timeout)
         except asyncio.TimeoutError:
             raise self._failed(f"{MAX_INFLIGHT} publishes still in flight after {timeout} s") from None
         mid: int | None = None
@@ -244,7 +249,7 @@ class MqttPublisher:
                 mid = info.mid
                 fut = self._acks[mid] = self._loop.create_future()
                 try:
-                    await asyncio.wait_for(fut, timeout)
+                    await wait_for(fut, timeout)
                 except asyncio.TimeoutError:
                     raise self._failed(f"no acknowledgement for {topic} within {timeout} s") from None
                 except PublishError as exc:
@@ -278,7 +283,7 @@ class MqttPublisher:
         self._client = None
         client.disconnect()
         try:
-            await asyncio.wait_for(
+            await wait_for(
                 asyncio.to_thread(client.loop_stop), max(0.1, deadline - self._loop.time())
             )
         except asyncio.TimeoutError:
