@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
+from gateway.browse import add_browse_command
 from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
 
 logger = logging.getLogger("gateway")
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=30.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
+    add_browse_command(sub)
     return p
 
 
