@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.browse import add_browse_command
+from gateway.certs import add_certs_command
 from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
 
 logger = logging.getLogger("gateway")
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
     add_browse_command(sub)
+    add_certs_command(sub)
     return p
 
 

@@ -27,6 +27,65 @@ class GatewaySection(_Model):
     shutdown_timeout_s: PositiveFloat = 4.0
 
 
+def read_secret(where: str, env: str | None, file: Path | None) -> str | None:
+    """A password from the environment variable `env` or the file `file`; `where` names the config keys."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError([f"{where}.password_env: environment variable {env} is not set"])
+        return value
+    if file:
+        try:
+            return file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{where}.password_file: cannot read {file}: {exc.strerror}"]) from exc
+    return None
+
+
+class SourceSecurity(_Model):
+    """OPC-UA message security and user identity of one source; both parts are optional."""
+
+    policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = "None"
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    # The gateway's application instance certificate (DER or PEM) and its unencrypted RSA key.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # Defaults to the URI in the certificate's SubjectAltName, which servers require to match.
+    application_uri: str | None = None
+    # Trusted server certificates (DER or PEM); unknown ones are copied to <trust_dir>/rejected/.
+    trust_dir: Path | None = None
+    trust_on_first_use: bool = False
+    username: str | None = None
+    # The password never lives in the YAML: name an environment variable or a file.
+    password_env: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceSecurity:
+        if self.policy == "None":
+            given = sorted(
+                k for k in ("mode", "certificate", "private_key", "trust_dir", "trust_on_first_use")
+                if k in self.model_fields_set
+            )
+            if given:
+                raise ValueError(f"{', '.join(given)} need a security policy other than None")
+        else:
+            missing = [k for k in ("certificate", "private_key", "trust_dir") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"policy {self.policy} needs {', '.join(missing)}")
+        if self.password_env and self.password_file:
+            raise ValueError("give password_env or password_file, not both")
+        if self.username is None and (self.password_env or self.password_file):
+            raise ValueError("a password needs a username")
+        if self.username is not None and not (self.password_env or self.password_file):
+            raise ValueError("username needs password_env or password_file")
+        return self
+
+    def password(self, source: str) -> str | None:
+        """The user's password from the environment or a file, or None when no user is configured."""
+        return read_secret(f"source {source}: security", self.password_env, self.password_file)
+
+
 class SourceConfig(_Model):
     name: Name
     endpoint: str = Field(pattern=r"^opc\.tcp://")
@@ -34,6 +93,9 @@ class SourceConfig(_Model):
     timeout_s: PositiveFloat = 4.0
     reconnect_min_s: PositiveFloat = 0.5
     reconnect_max_s: PositiveFloat = 30.0
+    # Caps the nodes per Read request below the server's own MaxNodesPerRead; None: the server's alone.
+    max_nodes_per_read: Annotated[int, Field(ge=1)] | None = None
+    security: SourceSecurity | None = None
 
 
 class TagConfig(_Model):
@@ -154,17 +216,7 @@ class MqttConfig(_Model):
 
     def password(self) -> str | None:
         """The broker password from the environment or a file, or None when not configured."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError([f"mqtt.password_env: environment variable {self.password_env} is not set"])
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError([f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}"]) from exc
-        return None
+        return read_secret("mqtt", self.password_env, self.password_file)
 
 
 def _check_template(template: str, allowed: set[str]) -> None:
@@ -288,7 +340,14 @@ def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     mqtt = cfg.mqtt.model_copy(
         update={"password_file": rel(cfg.mqtt.password_file) or cfg.mqtt.password_file, "tls": tls}
     )
-    return cfg.model_copy(update={"models": models, "storage": storage, "mqtt": mqtt})
+    sources = []
+    for s in cfg.sources:
+        sec = s.security
+        if sec is not None:
+            keys = ("certificate", "private_key", "trust_dir", "password_file")
+            sec = sec.model_copy(update={k: rel(getattr(sec, k)) or getattr(sec, k) for k in keys})
+        sources.append(s.model_copy(update={"security": sec}))
+    return cfg.model_copy(update={"models": models, "storage": storage, "mqtt": mqtt, "sources": sources})
 
 
 __all__ = ["GatewayConfig", "load_config", "format_loc"]

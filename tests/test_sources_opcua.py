@@ -7,8 +7,9 @@ import contextlib
 import math
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
-from asyncua import ua
+from asyncua import Client, Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 
 from gateway.demo.signals import TAGS
@@ -21,7 +22,7 @@ from gateway.latest import (
     LatestValues,
     is_good,
 )
-from gateway.sources.opcua import OpcUaPollSource, SourceTag
+from gateway.sources.opcua import OpcUaPollSource, SourceTag, read_max_nodes_per_read
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_opcua import running_simulator, running_source, source_config
 
@@ -218,3 +219,127 @@ def test_invalid_node_id_is_rejected_at_construction(node_id: str) -> None:
 def test_tag_index_outside_the_table_is_rejected() -> None:
     with pytest.raises(SourceError, match="outside the table"):
         OpcUaPollSource(source_config("opc.tcp://127.0.0.1:4840/"), [SourceTag(5, "i=2258")], LatestValues(2))
+
+
+# Chunking to the server's MaxNodesPerRead operation limit and the config's cap.
+MAX_NODES_PER_READ = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+
+
+async def set_max_nodes_per_read(server: Server, limit: int) -> None:
+    """Set the limit the server advertises; asyncua stores it as UInt32 (10000 by default)."""
+    await server.write_attribute_value(
+        MAX_NODES_PER_READ, ua.DataValue(ua.Variant(limit, ua.VariantType.UInt32))
+    )
+
+
+class ReadLog:
+    """The server's own record of the client Reads of namespace-2 tags; optionally refuses long ones."""
+
+    def __init__(self, server: Server, *, refuse_over: int | None = None) -> None:
+        self.requests: list[list[ua.NodeId]] = []
+        self.refused: list[int] = []
+        self.refuse_over = refuse_over
+        server.subscribe_server_callback(CallbackType.PreRead, self._on_read)
+
+    def _on_read(self, event: ServerItemCallback, _dispatcher: object) -> None:
+        nodes = [r.NodeId for r in event.request_params.NodesToRead]
+        if not event.is_external or nodes[0].NamespaceIndex != 2:
+            return
+        if self.refuse_over is not None and len(nodes) > self.refuse_over:
+            # What a strict server answers (asyncua's does not check): a ServiceFault for the whole Read.
+            self.refused.append(len(nodes))
+            raise ua.uaerrors.BadTooManyOperations()
+        self.requests.append(nodes)
+
+
+@pytest.mark.parametrize(
+    ("server_limit", "cap", "sizes"),
+    [
+        (100, None, [100, 100, 50]),
+        (0, None, [250]),
+        (100, 50, [50] * 5),
+        (10_000, 120, [120, 120, 10]),
+    ],
+)
+def test_reads_are_chunked_to_the_smaller_of_server_limit_and_config(
+    server_limit: int, cap: int | None, sizes: list[int]
+) -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=32, **STILL) as sim:
+            await set_max_nodes_per_read(sim.server, server_limit)
+            log = ReadLog(sim.server, refuse_over=server_limit or None)
+            nodes = sim.tags[:250]
+            async with running_source(sim.endpoint, nodes, max_nodes_per_read=cap) as source:
+                await wait_for_condition(lambda: source.stats.reads >= 5)
+                latest = source.latest
+                for row in range(len(nodes)):
+                    dv = sim.data_value(row // len(TAGS) + 1, TAGS[row % len(TAGS)])
+                    assert latest.value[row] == dv.Value.Value
+                    assert latest.source_ts[row] == _ns(dv.SourceTimestamp)
+                assert (latest.status == GOOD).all()
+            stats = source.stats
+
+        per_tick = len(sizes)
+        assert stats.chunk_size == sizes[0] and stats.read_errors == 0 and not log.refused
+        # Decoded responses count only completed ticks; sent requests may include a cancelled one.
+        assert stats.fast_decodes == per_tick * stats.reads
+        assert (
+            per_tick * stats.reads <= len(log.requests) <= stats.read_requests <= per_tick * (stats.reads + 1)
+        )
+        # On the server: each tick's requests arrive together and hold every tag once, in order.
+        expected = [ua.NodeId.from_string(n) for n in nodes]
+        complete = len(log.requests) - len(log.requests) % per_tick
+        for k in range(0, complete, per_tick):
+            tick = log.requests[k : k + per_tick]
+            assert [len(r) for r in tick] == sizes
+            assert [n for r in tick for n in r] == expected
+
+    asyncio.run(main())
+
+
+def test_one_refused_chunk_fails_the_tick_until_the_config_caps_the_chunks() -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=32, **STILL) as sim:
+            # A server that advertises 100 but refuses more than 60 nodes per Read.
+            await set_max_nodes_per_read(sim.server, 100)
+            log = ReadLog(sim.server, refuse_over=60)
+            nodes = sim.tags[:250]
+            async with running_source(sim.endpoint, nodes) as source:
+                await wait_for_condition(lambda: source.stats.read_errors >= 2)
+                assert "BadTooManyOperations" in (source.stats.last_error or "")
+                assert source.stats.reads == 0 and not source.stats.connected
+                # The 50-node chunk was answered, yet nothing of the failed ticks was stored.
+                assert any(len(r) == 50 for r in log.requests) and 100 in log.refused
+                assert np.isnan(source.latest.value).all()
+                assert not is_good(source.latest.status).any()
+
+            log.requests.clear()
+            async with running_source(sim.endpoint, nodes, max_nodes_per_read=50) as capped:
+                assert await capped.wait_connected(10)
+                assert (capped.latest.status == GOOD).all()
+                assert capped.stats.read_errors == 0 and capped.stats.chunk_size == 50
+                assert {len(r) for r in log.requests} == {50}
+
+    asyncio.run(main())
+
+
+def test_max_nodes_per_read_zero_missing_or_bad_means_no_limit() -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=1, **STILL) as sim:
+            async with Client(sim.endpoint) as client:
+                assert await read_max_nodes_per_read(client) == 10_000
+                await set_max_nodes_per_read(sim.server, 7)
+                assert await read_max_nodes_per_read(client) == 7
+                await set_max_nodes_per_read(sim.server, 0)
+                assert await read_max_nodes_per_read(client) is None
+                await sim.server.write_attribute_value(
+                    MAX_NODES_PER_READ,
+                    ua.DataValue(
+                        ua.Variant(7, ua.VariantType.UInt32), ua.StatusCode(ua.StatusCodes.BadOutOfService)
+                    ),
+                )
+                assert await read_max_nodes_per_read(client) is None
+                await sim.server.delete_nodes([sim.server.get_node(MAX_NODES_PER_READ)])
+                assert await read_max_nodes_per_read(client) is None
+
+    asyncio.run(main())

@@ -203,12 +203,19 @@ def _scan_layout(raw: bytes, start: int, n: int) -> _Layout | None:
 class ReadDecoder:
     """Decodes Read response bodies for a fixed list of n nodes into preallocated arrays."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        # `out`: (value, status, source_ts) arrays to fill in place, e.g. slices of a larger table
+        # shared by the decoders of one request's chunks.
+        if out is None:
+            out = (np.full(n, np.nan), np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.int64))
+        for array, dtype in zip(out, (np.float64, np.uint32, np.int64), strict=True):
+            if array.shape != (n,) or array.dtype != dtype:
+                raise ValueError(
+                    f"out arrays must be ({n},) float64, uint32, int64; got {array.shape} {array.dtype}"
+                )
         self.n = n
-        self.value = np.full(n, np.nan, dtype=np.float64)
-        self.status = np.zeros(n, dtype=np.uint32)
-        # ns since 1970, 0 where the server sent no source timestamp.
-        self.source_ts = np.zeros(n, dtype=np.int64)
+        # source_ts: ns since 1970, 0 where the server sent no source timestamp.
+        self.value, self.status, self.source_ts = out
         self.layout_scans = 0
         self._layout: _Layout | None = None
 
