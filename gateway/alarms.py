@@ -73,6 +73,40 @@ IDLE = AlarmState()
 _ALARM_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:edge-gateway:alarm")
 
 
+COMM_LOSS = "comm_loss"
+
+
+def comm_loss_model(source: str) -> str:
+    """The pseudo model name under which a source's comm_loss rule is decided."""
+    return f"source:{source}"
+
+
+def comm_loss_rules(cfg: GatewayConfig, *, version: str) -> list[AlarmRule]:
+    """One system rule per source: value = seconds disconnected, raised at the configured delay.
+
+    It goes through the same engine, store, outbox and topic as model alarms, so SCADA sees it on each
+    asset the source feeds, and a restart restores it like any other alarm.
+    """
+    return [
+        AlarmRule(
+            name=COMM_LOSS,
+            model=comm_loss_model(s.name),
+            output="disconnected_s",
+            value_index=0,
+            high=s.comm_loss.delay_s,
+            low=s.comm_loss.delay_s,  # cleared as soon as the source is back (0 s disconnected)
+            direction="above",
+            on_delay=1,
+            severity=s.comm_loss.severity,
+            kind="system",
+            model_version=version,
+            assets=frozenset(a.name for a in cfg.assets if a.source == s.name),
+        )
+        for s in cfg.sources
+        if s.comm_loss.enabled
+    ]
+
+
 def build_rules(cfg: GatewayConfig, manifests: Mapping[str, ModelManifest]) -> list[AlarmRule]:
     """Resolve the configured alarm rules; thresholds default to the manifest's, assets to the model's."""
     models = {m.name: m for m in cfg.models}

@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.alarms import AlarmEngine, AlarmRule, AlarmState, build_rules
+from gateway.alarms import (
+    AlarmEngine,
+    AlarmEvent,
+    AlarmRule,
+    AlarmState,
+    build_rules,
+    comm_loss_model,
+    comm_loss_rules,
+)
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
 from gateway.inference.worker import InferenceWorker
@@ -29,7 +37,8 @@ from gateway.sinks.mqtt import (
     score_payload,
     score_topic,
 )
-from gateway.sources.opcua import OpcUaPollSource, SourceTag
+from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
+from gateway.sources.subscription import OpcUaSubscriptionSource
 from gateway.store import Store
 from gateway.tasks import Supervisor, wait_for
 from gateway.windows import AssetSampler, Window
@@ -40,6 +49,7 @@ logger = logging.getLogger(__name__)
 WINDOW_QUEUE_SIZE = 4096
 SCORE_QUEUE_SIZE = 4096
 SCORE_INFLIGHT = 10
+COMM_LOSS_CHECK_S = 1.0
 
 
 @dataclass
@@ -99,7 +109,12 @@ class Gateway:
             source_tags[asset.source].extend(
                 SourceTag(int(i), t.node_id) for i, t in zip(idx, asset.tags, strict=True)
             )
-        self.sources = [OpcUaPollSource(s, source_tags[s.name], self.latest) for s in cfg.sources]
+        self.sources: list[OpcUaSource] = [
+            (OpcUaSubscriptionSource if s.mode == "subscribe" else OpcUaPollSource)(
+                s, source_tags[s.name], self.latest
+            )
+            for s in cfg.sources
+        ]
         self.store = Store(cfg.storage.path)
         self.publisher = MqttPublisher(
             cfg.mqtt, gateway_id=cfg.gateway.id, version=__version__, started_at=self.started_at
@@ -117,6 +132,7 @@ class Gateway:
         self._inference_tasks: list[asyncio.Task[None]] = []
         self._score_task: asyncio.Task[None] | None = None
         self._outbox_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._last_inference_error = ""
 
     async def start(self) -> None:
@@ -124,7 +140,7 @@ class Gateway:
         await self.store.start()
         manifests = await self.worker.call(load_manifests, self.cfg)
         self.models = await self.worker.call(load_models, self.cfg, manifests)
-        rules = build_rules(self.cfg, manifests)
+        rules = build_rules(self.cfg, manifests) + comm_loss_rules(self.cfg, version=__version__)
         self.engine = AlarmEngine(
             rules, gateway_id=self.cfg.gateway.id, states=await self._restored_alarms(rules)
         )
@@ -146,6 +162,7 @@ class Gateway:
         self._inference_tasks = [
             sup.spawn(self._infer_loop(m), f"inference:{n}") for n, m in self.models.items()
         ]
+        self._watch_task = sup.spawn(self._watch_sources(), "comm-loss")
         self._outbox_task = sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
         self._score_task = (
             sup.spawn(self._publish_scores(), "scores") if self.cfg.mqtt.publish_scores else None
@@ -205,7 +222,8 @@ class Gateway:
             return max(0.1, min(cap, deadline - time.monotonic()))
 
         sup = self.supervisor
-        for task in (*self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
+        watch = [self._watch_task] if self._watch_task is not None else []
+        for task in (*watch, *self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
             await sup.cancel(task, left())
         if self._outbox_task is not None:
             await sup.cancel(self._outbox_task, left())
@@ -225,7 +243,7 @@ class Gateway:
         self.worker.close()
         logger.info("gateway %s stopped", self.cfg.gateway.id)
 
-    async def _sample_loop(self, source: OpcUaPollSource, rate_hz: float) -> None:
+    async def _sample_loop(self, source: OpcUaSource, rate_hz: float) -> None:
         """Sample this source's assets once per period, as soon as a read of the source lands.
 
         Time is cut into slots of one period centred on a fixed monotonic grid; each slot takes exactly
@@ -300,22 +318,47 @@ class Gateway:
             for event in self.engine.decide(
                 model.cfg.name, w.asset, row, source_ts_ns=w.end_source_ts_ns, now_ns=now_ns
             ):
-                topic = alarm_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, event=event)
-                # Durable before published: the outbox task sends it only once it is committed.
-                await self.store.add_alarm_event(event, topic, alarm_payload(event, site=self.cfg.mqtt.site))
-                self.counters.alarm_events += 1
-                self.outbox_wake.set()
-                logger.warning(
-                    "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
-                    event.alarm_id,
-                    event.event,
-                    event.asset,
-                    event.rule,
-                    event.value,
-                    event.threshold,
-                )
+                await self._emit(event)
             if self._score_task is not None:
                 self._queue_score(model, w, names, row, now_ns)
+
+    async def _emit(self, event: AlarmEvent) -> None:
+        """Store an alarm transition durably, then wake the outbox that publishes it."""
+        topic = alarm_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, event=event)
+        # Durable before published: the outbox task sends it only once it is committed.
+        await self.store.add_alarm_event(event, topic, alarm_payload(event, site=self.cfg.mqtt.site))
+        self.counters.alarm_events += 1
+        self.outbox_wake.set()
+        logger.warning(
+            "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
+            event.alarm_id,
+            event.event,
+            event.asset,
+            event.rule,
+            event.value,
+            event.threshold,
+        )
+
+    async def _watch_sources(self) -> None:
+        """Once a second, feed each source's time without a session to its comm_loss rule."""
+        assert self.engine is not None
+        down_since: dict[str, int] = {}
+        while True:
+            now = time.monotonic_ns()
+            for source in self.sources:
+                name = source.cfg.name
+                if source.stats.connected:
+                    down_since.pop(name, None)
+                    down_s = 0.0
+                else:
+                    down_s = (now - down_since.setdefault(name, now)) / 1e9
+                value = np.array([down_s])
+                for asset in (a.name for a in self.cfg.assets if a.source == name):
+                    for event in self.engine.decide(
+                        comm_loss_model(name), asset, value, source_ts_ns=0, now_ns=time.time_ns()
+                    ):
+                        await self._emit(event)
+            await asyncio.sleep(COMM_LOSS_CHECK_S)
 
     def _queue_score(
         self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int

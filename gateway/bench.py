@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from asyncua import Client
 
 from gateway.config import load_config
 from gateway.demo.broker import MosquittoBroker, find_mosquitto
@@ -36,7 +37,28 @@ def _counter_totals(status: dict[str, Any]) -> tuple[int, int]:
     return values, int(status["counters"]["windows_inferred"])
 
 
-async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dict[str, Any]:
+async def naive_reader(endpoint: str, node_ids: list[str], seconds: float) -> tuple[int, float]:
+    """The baseline: values read and CPU seconds spent by a reader that sends one Read per node."""
+    client = Client(endpoint, timeout=10)
+    await client.connect()
+    try:
+        nodes = [client.get_node(n) for n in node_ids]
+        me = psutil.Process()
+        cpu0, deadline, values = _cpu_seconds(me), time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            for node in nodes:
+                await node.read_data_value()
+                values += 1
+                if time.monotonic() >= deadline:
+                    break
+        return values, _cpu_seconds(me) - cpu0
+    finally:
+        await client.disconnect()
+
+
+async def measure(
+    *, tags: int, hz: float, seconds: float, workdir: Path, naive_seconds: float = 5.0
+) -> dict[str, Any]:
     """Run simulator (own process), broker and gateway (this process); return the figures."""
     from gateway.app import Gateway
 
@@ -44,7 +66,9 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
     opc_port, mqtt_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(MosquittoBroker(mqtt_port, workdir=workdir / "mosquitto"))
-        sim = stack.enter_context(simulator_process(opc_port, pumps=pumps, rate_hz=hz, extra=["--no-fault", "--no-bad-data"]))
+        sim = stack.enter_context(
+            simulator_process(opc_port, pumps=pumps, rate_hz=hz, extra=["--no-fault", "--no-bad-data"])
+        )
         cfg_dict = demo_config(
             opc_port=opc_port, mqtt_port=mqtt_port, db_path=workdir / "bench.db", pumps=pumps
         )
@@ -70,11 +94,23 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
             cpu1, sim1, brk1 = _cpu_seconds(me), _cpu_seconds(sim_proc), _cpu_seconds(broker_proc)
             status = gateway.status()
             # Read before shutdown: windows caught in the stop sequence are not steady-state figures.
-            p50, p99, n_latency = gateway.latency.percentile(50), gateway.latency.percentile(99), len(gateway.latency)
+            p50, p99, n_latency = (
+                gateway.latency.percentile(50),
+                gateway.latency.percentile(99),
+                len(gateway.latency),
+            )
         finally:
             shutdown.set()
             await task
+        node_ids = [t.node_id for a in cfg.assets for t in a.tags]
+        naive = (
+            await naive_reader(cfg.sources[0].endpoint, node_ids, naive_seconds)
+            if naive_seconds > 0
+            else None
+        )
     n_tags = pumps * len(TAGS)
+    per_cpu_s = (values1 - values0) / max(1e-9, cpu1 - cpu0)
+    naive_per_cpu_s = naive[0] / max(1e-9, naive[1]) if naive else None
     return {
         "tags": n_tags,
         "hz": hz,
@@ -89,6 +125,9 @@ async def measure(*, tags: int, hz: float, seconds: float, workdir: Path) -> dic
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "plc_cpu_percent": round(100 * (sim1 - sim0) / elapsed, 1),
         "broker_cpu_percent": round(100 * (brk1 - brk0) / elapsed, 1),
+        "values_per_cpu_s": round(per_cpu_s),
+        "naive_values_per_cpu_s": None if naive_per_cpu_s is None else round(naive_per_cpu_s),
+        "batched_vs_naive": None if naive_per_cpu_s is None else round(per_cpu_s / naive_per_cpu_s, 1),
         "missed_ticks": status["counters"]["missed_ticks"],
         "scores_dropped": status["counters"]["scores_dropped"],
         "backend": next(iter(gateway.models.values())).backend.name,
@@ -112,17 +151,27 @@ def render(r: dict[str, Any]) -> str:
             f"  acquisition -> PUBACK  {lat}",
             f"  gateway CPU            {r['cpu_percent']:>9.1f}%  of one core   peak RSS {r['peak_rss_mb']:.0f} MB",
             f"  simulated PLC CPU      {r['plc_cpu_percent']:>9.1f}%   broker CPU {r['broker_cpu_percent']:.1f}%",
+            f"  values per CPU-second  {r['values_per_cpu_s']:>10,}"
+            + (
+                f"   naive one-Read-per-node reader {r['naive_values_per_cpu_s']:,} ({r['batched_vs_naive']}x)"
+                if r["naive_values_per_cpu_s"] is not None
+                else ""
+            ),
             f"  missed sample ticks    {r['missed_ticks']:>10}   scores dropped {r['scores_dropped']}",
         ]
     )
 
 
-async def run_bench(*, tags: int, hz: float, seconds: float, as_json: bool) -> int:
+async def run_bench(
+    *, tags: int, hz: float, seconds: float, as_json: bool, naive_seconds: float = 5.0
+) -> int:
     """CLI entry: run one measurement and print it."""
     if find_mosquitto() is None:
         raise GatewayError("the benchmark needs the mosquitto broker: apt-get install mosquitto")
     logging.getLogger("gateway").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="edge-gateway-bench-") as wd:
-        result = await measure(tags=tags, hz=hz, seconds=seconds, workdir=Path(wd))
+        result = await measure(
+            tags=tags, hz=hz, seconds=seconds, workdir=Path(wd), naive_seconds=naive_seconds
+        )
     print(json.dumps(result) if as_json else render(result))
     return 0

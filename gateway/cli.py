@@ -90,7 +90,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Throughput and latency figures for this device."""
     from gateway.bench import run_bench
 
-    return asyncio.run(run_bench(tags=args.tags, hz=args.hz, seconds=args.seconds, as_json=args.json))
+    return asyncio.run(
+        run_bench(
+            tags=args.tags,
+            hz=args.hz,
+            seconds=args.seconds,
+            as_json=args.json,
+            naive_seconds=args.naive_seconds,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hz", type=float, default=10.0)
     b.add_argument("--seconds", type=float, default=30.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument(
+        "--naive-seconds",
+        type=float,
+        default=5.0,
+        help="afterwards, time a one-Read-per-node reader for comparison (0: skip)",
+    )
     b.set_defaults(func=cmd_bench)
     add_browse_command(sub)
     add_certs_command(sub)

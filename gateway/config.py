@@ -86,6 +86,28 @@ class SourceSecurity(_Model):
         return read_secret(f"source {source}: security", self.password_env, self.password_file)
 
 
+class CommLossConfig(_Model):
+    """The system alarm `comm_loss` raised on each asset of a source that stays disconnected."""
+
+    enabled: bool = True
+    delay_s: PositiveFloat = 10.0  # disconnected this long before the alarm is raised
+    severity: Severity = "high"
+
+
+class Deadband(_Model):
+    """A monitored item's DataChangeFilter deadband: changes within it are not reported."""
+
+    type: Literal["absolute", "percent"]
+    # Absolute: in engineering units. Percent: of the node's EURange, which the server must define.
+    value: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+    @model_validator(mode="after")
+    def _percent_range(self) -> Deadband:
+        if self.type == "percent" and self.value > 100:
+            raise ValueError(f"a percent deadband must be within 0..100, got {self.value:g}")
+        return self
+
+
 class SourceConfig(_Model):
     name: Name
     endpoint: str = Field(pattern=r"^opc\.tcp://")
@@ -96,6 +118,30 @@ class SourceConfig(_Model):
     # Caps the nodes per Read request below the server's own MaxNodesPerRead; None: the server's alone.
     max_nodes_per_read: Annotated[int, Field(ge=1)] | None = None
     security: SourceSecurity | None = None
+    comm_loss: CommLossConfig = CommLossConfig()
+    # poll: one Read of every tag per poll_interval_ms; subscribe: monitored items, changes only.
+    mode: Literal["poll", "subscribe"] = "poll"
+    publishing_interval_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 100
+    # None: the publishing interval.
+    sampling_interval_ms: Annotated[int, Field(ge=0, le=3_600_000)] | None = None
+    queue_size: Annotated[int, Field(ge=1, le=10_000)] = 10
+    deadband: Deadband | None = None
+
+    @model_validator(mode="after")
+    def _subscription_keys(self) -> SourceConfig:
+        if self.mode == "poll":
+            given = sorted(
+                k for k in ("publishing_interval_ms", "sampling_interval_ms", "queue_size", "deadband")
+                if k in self.model_fields_set
+            )
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with mode: subscribe")
+        return self
+
+    @property
+    def sampling_ms(self) -> int:
+        """The monitored items' sampling interval in effect: sampling_interval_ms or the publishing interval."""
+        return self.publishing_interval_ms if self.sampling_interval_ms is None else self.sampling_interval_ms
 
 
 class TagConfig(_Model):
@@ -108,8 +154,10 @@ class TagConfig(_Model):
     @field_validator("node_id")
     @classmethod
     def _node_id_syntax(cls, v: str) -> str:
-        if not re.match(r"^(ns=\d+;)?[isgb]=.+$", v):
-            raise ValueError("must look like 'ns=2;s=Pump01.Temp', 'ns=2;i=1001' or 'i=2258'")
+        # Imported here: the parser lives with the source that resolves these addresses.
+        from gateway.sources.nodes import parse_node_ref
+
+        parse_node_ref(v)
         return v
 
 

@@ -71,8 +71,10 @@ def test_one_read_request_per_tick_whatever_the_tag_count() -> None:
             requests: list[list[ua.NodeId]] = []
 
             def count(event: ServerItemCallback, _dispatcher: object) -> None:
-                if event.is_external:
-                    requests.append([r.NodeId for r in event.request_params.NodesToRead])
+                reads = event.request_params.NodesToRead
+                # Value Reads only: the source also reads DataType and ValueRank once per connect.
+                if event.is_external and reads[0].AttributeId == ua.AttributeIds.Value:
+                    requests.append([r.NodeId for r in reads])
 
             sim.server.subscribe_server_callback(CallbackType.PreRead, count)
             few, many = sim.tags[:8], sim.tags[8:]
@@ -242,8 +244,10 @@ class ReadLog:
         server.subscribe_server_callback(CallbackType.PreRead, self._on_read)
 
     def _on_read(self, event: ServerItemCallback, _dispatcher: object) -> None:
-        nodes = [r.NodeId for r in event.request_params.NodesToRead]
-        if not event.is_external or nodes[0].NamespaceIndex != 2:
+        reads = event.request_params.NodesToRead
+        nodes = [r.NodeId for r in reads]
+        # Value Reads only: the source also reads DataType and ValueRank once per connect.
+        if not event.is_external or nodes[0].NamespaceIndex != 2 or reads[0].AttributeId != ua.AttributeIds.Value:
             return
         if self.refuse_over is not None and len(nodes) > self.refuse_over:
             # What a strict server answers (asyncua's does not check): a ServiceFault for the whole Read.

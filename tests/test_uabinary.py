@@ -273,7 +273,12 @@ def test_source_counts_fast_and_slow_decodes() -> None:
         async with running_simulator(
             n_pumps=2, rate_hz=20, fault_pump=None, bad_tag=None, nan_tag=None
         ) as sim:
-            await sim.server.nodes.objects.add_variable(ua.NodeId("text", 2), "text", "hello")
+            # A Double variable holding a String (as a changed PLC may serve): it passes the data type
+            # check at connect, and its responses need asyncua's decoder.
+            text = ua.NodeId("text", 2)
+            await sim.server.nodes.objects.add_variable(text, "text", 0.0)
+            attr = sim.server.iserver.aspace[text].attributes[ua.AttributeIds.Value]
+            attr.value = ua.DataValue(ua.Variant("hello", ua.VariantType.String))
             async with (
                 running_source(sim.endpoint, sim.tags) as fast,
                 running_source(sim.endpoint, [*sim.tags[:3], "ns=2;s=text"]) as slow,

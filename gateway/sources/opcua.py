@@ -5,6 +5,10 @@ is one request and one response, while a subscription delivers N separate notifi
 request is encoded once and responses are decoded with NumPy (see uabinary): together they cost well
 under a microsecond per tag instead of about ten. A server whose MaxNodesPerRead operation limit is
 below the tag count gets the tick as several Read requests, sent together so they pipeline.
+
+Tags are resolved on every connect (see nodes): namespace URIs, browse paths, and each node's data
+type. A tag that cannot be read as a number is left out of the Read and keeps its Bad status until
+the next connect; a value whose type differs from its node's data type is stored as BadTypeMismatch.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 from asyncua import Client, ua
@@ -23,6 +29,7 @@ from asyncua.common.utils import Buffer
 from gateway.config import SourceConfig
 from gateway.errors import GatewayError, SourceError
 from gateway.latest import BAD_COMMUNICATION_ERROR, BAD_NOT_CONNECTED, LatestValues
+from gateway.sources.nodes import Resolved, parse_node_ref, resolve
 from gateway.sources.security import connect_client
 from gateway.sources.uabinary import EncodedRead, ReadDecoder
 from gateway.tasks import Pulse, wait_event
@@ -40,19 +47,20 @@ _CONFIG_ERRORS = frozenset(
     }
 )
 _MAX_TAG_LINES = 10
+_HEALTH_PERIOD_NS = 1_000_000_000
+# Bad (10) and the reserved severity 11 both set the top bit.
+_BAD_SEVERITY = 0x80000000
+# Nodes per Read while resolving tags on a server that states no MaxNodesPerRead.
+_DEFAULT_MAX_PER_READ = 1000
 _SESSION_TIMEOUT_MS = 60_000
 # A session ends and a reconnect starts on these; anything else is a bug and ends the task.
 _IO_ERRORS = (OSError, asyncio.TimeoutError, ua.UaError, SourceError)
-_MAX_NODES_PER_READ = ua.NodeId(
-    ua.Int32(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
-)
 
 
-async def read_max_nodes_per_read(client: Client) -> int | None:
-    """The server's MaxNodesPerRead operation limit in one Read; None where it sets none (0, missing, Bad)."""
-    params = ua.ReadParameters(
-        NodesToRead=[ua.ReadValueId(NodeId=_MAX_NODES_PER_READ, AttributeId=ua.AttributeIds.Value)]
-    )
+async def read_operation_limit(client: Client, limit_id: int) -> int | None:
+    """One OperationLimits variable (its ObjectIds number) in one Read; None where the server sets none."""
+    node = ua.NodeId(ua.Int32(limit_id))
+    params = ua.ReadParameters(NodesToRead=[ua.ReadValueId(NodeId=node, AttributeId=ua.AttributeIds.Value)])
     results = await client.uaclient.read(params)
     if len(results) != 1 or results[0].Value is None:
         return None
@@ -63,6 +71,13 @@ async def read_max_nodes_per_read(client: Client) -> int | None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         return None
     return limit
+
+
+async def read_max_nodes_per_read(client: Client) -> int | None:
+    """The server's MaxNodesPerRead operation limit in one Read; None where it sets none (0, missing, Bad)."""
+    return await read_operation_limit(
+        client, ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead
+    )
 
 
 @dataclass(frozen=True)
@@ -92,51 +107,64 @@ class SourceStats:
     fast_decodes: int = 0
     slow_decodes: int = 0
     last_error: str | None = None
+    # Refreshed at most once per second while reading, on connect, on disconnect and by health().
+    last_read_at: str | None = None  # UTC ISO 8601 time of the last successful read
+    reads_per_s: float = 0.0
+    values_per_s: float = 0.0
+    # Tags of this source now carrying each Bad status, by status name.
+    bad_by_status: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
 
 
-class OpcUaPollSource:
-    """Polls all tags of one OPC-UA server into LatestValues: one Read per tick, chunked to the limits."""
+class OpcUaSource:
+    """The session life every OPC-UA source shares: connect, acquire, mark tags Bad, back off, retry.
+
+    Subclasses implement `_acquire` (the connected part of a session) and `_count_session_error`.
+    """
+
+    stats: Any
 
     def __init__(self, cfg: SourceConfig, tags: Sequence[SourceTag], latest: LatestValues) -> None:
         if not tags:
             raise SourceError(f"source {cfg.name}: no tags to read")
-        nodes = []
+        refs = []
         for tag in tags:
             if not 0 <= tag.index < len(latest):
                 raise SourceError(
                     f"source {cfg.name}: tag {tag.node_id!r} has index {tag.index} outside the table"
                 )
             try:
-                nodes.append(ua.NodeId.from_string(tag.node_id))
-            except ua.UaError as exc:
+                refs.append(parse_node_ref(tag.node_id))
+            except ValueError as exc:
                 raise SourceError(
-                    f"source {cfg.name}: invalid node id {tag.node_id!r} (tag #{tag.index})"
+                    f"source {cfg.name}: invalid node id {tag.node_id!r} (tag #{tag.index}): {exc}"
                 ) from exc
+        # Ids by namespace URI or browse path are known only once connected (_resolve_tags); until
+        # then they stand as the null node, which no server has.
+        nodes = [r.node_id if r.uri is None and not r.path else ua.NodeId() for r in refs]
         self.name = cfg.name
         self.cfg = cfg
         self.tags = tuple(tags)
         self.latest = latest
-        self.stats = SourceStats()
         self._idx = np.array([t.index for t in tags], dtype=np.intp)
-        self._nodes = nodes
-        # Each chunk's decoder fills its slice of these, so one tick is stored with one write.
+        self._refs = refs
+        self._nodes: list[ua.NodeId] = nodes
+        # Aligned with the tags and filled in place, so one batch is stored with one write.
         self._value = np.full(len(nodes), np.nan)
         self._status = np.zeros(len(nodes), dtype=np.uint32)
         self._source_ts = np.zeros(len(nodes), dtype=np.int64)
-        # Built at connect, when the server's MaxNodesPerRead is known; kept while the size stays.
-        self._chunks: list[tuple[EncodedRead, ReadDecoder]] = []
         self._connected = asyncio.Event()
-        # Samplers of this source's assets wake on it, so a sample is taken as soon as a read lands.
+        # Samplers of this source's assets wake on it, so a sample is taken as soon as values land.
         self.updated = Pulse()
         self._failures = 0
         self._previous_error: str | None = None
 
     async def wait_connected(self, timeout: float) -> bool:
-        """True once a session is up and its first Read is stored, False if `timeout` s pass first."""
+        """True once a session is up and its first values are stored, False if `timeout` s pass first."""
         return await wait_event(self._connected, timeout)
 
     async def run(self) -> None:
-        """Connect, poll and reconnect until cancelled; tags are Bad whenever there is no session."""
+        """Connect, acquire and reconnect until cancelled; tags are Bad whenever there is no session."""
         try:
             while True:
                 await self._session()
@@ -170,105 +198,58 @@ class OpcUaPollSource:
             opened = True
             self.stats.connects += 1
             try:
-                self._plan_chunks(await read_max_nodes_per_read(client))
-                await self._poll(client, lost)
+                await self._acquire(client, lost)
             except _IO_ERRORS as exc:
-                self.stats.read_errors += 1
+                self._count_session_error()
                 self._fail(exc, BAD_COMMUNICATION_ERROR)
         finally:
             await self._close(client, opened)
 
-    async def _poll(self, client: Client, lost: asyncio.Future[Exception]) -> None:
-        """Read on a fixed grid of the monotonic clock; a late read skips the ticks it overran."""
-        period = self.cfg.poll_interval_ms / 1000.0
-        t0 = time.monotonic()
-        tick = 0
-        while True:
-            await self._read(client)
-            if not self._connected.is_set():
-                self._on_first_read()
-            tick += 1
-            delay = t0 + tick * period - time.monotonic()
-            if delay < 0:
-                skipped = int(-delay / period)
-                tick += skipped
-                self.stats.missed_ticks += skipped
-                continue
-            # Waiting on the loss signal instead of sleeping marks the tags Bad as soon as the server goes.
-            await asyncio.wait((lost,), timeout=delay)
-            if lost.done():
-                raise lost.result()
+    async def _acquire(self, client: Client, lost: asyncio.Future[Exception]) -> None:
+        """Keep the tags current over a connected `client` until an I/O error, which it raises."""
+        raise NotImplementedError
 
-    def _plan_chunks(self, server_limit: int | None) -> None:
-        """Split the tags into Reads of at most the server's and the config's MaxNodesPerRead."""
-        n = len(self._nodes)
-        size = min(x for x in (n, server_limit, self.cfg.max_nodes_per_read) if x is not None)
-        if size == self.stats.chunk_size:
-            return
-        self._chunks = [self._chunk(start, min(start + size, n)) for start in range(0, n, size)]
-        self.stats.chunk_size = size
+    def _count_session_error(self) -> None:
+        """Count a failure after the connect in the subclass's own stats."""
+        raise NotImplementedError
 
-    def _chunk(self, start: int, stop: int) -> tuple[EncodedRead, ReadDecoder]:
-        """The Read of tags start..stop-1, encoded once (every tick sends the same), and its decoder."""
-        params = ua.ReadParameters(
-            TimestampsToReturn=ua.TimestampsToReturn.Both,
-            NodesToRead=[
-                ua.ReadValueId(NodeId=node, AttributeId=ua.AttributeIds.Value)
-                for node in self._nodes[start:stop]
-            ],
-        )
-        out = (self._value[start:stop], self._status[start:stop], self._source_ts[start:stop])
-        return EncodedRead(params), ReadDecoder(stop - start, out=out)
-
-    async def _read(self, client: Client) -> None:
-        """One Read per chunk, all sent at once to pipeline on the channel; stored in one write."""
-        chunks = self._chunks
-        uaclient = client.uaclient
-        self.stats.read_requests += len(chunks)
-        bodies: list[Buffer | BaseException]
-        if len(chunks) == 1:
-            bodies = [await chunks[0][0].send(uaclient)]
-        else:
-            # Every answer is awaited even when one fails, so no request outlives its tick.
-            bodies = await asyncio.gather(*(req.send(uaclient) for req, _ in chunks), return_exceptions=True)
-        recv_ns = time.monotonic_ns()
-        for (_, decoder), body in zip(chunks, bodies, strict=True):
-            if isinstance(body, BaseException):
-                raise body
-            if decoder.decode(body):
-                self.stats.fast_decodes += 1
-            else:
-                self.stats.slow_decodes += 1
-        # Written only once every chunk is decoded: samplers never see half a tick.
-        self.latest.write(self._idx, self._value, self._status, self._source_ts, recv_ns)
-        self.updated.notify()
-        self.stats.reads += 1
-        self.stats.values += len(self._nodes)
-
-    def _on_first_read(self) -> None:
-        """The session works: say so once and name the tags the server does not know."""
+    def _mark_connected(self) -> None:
+        """The session delivers values: reset the backoff and wake wait_connected()."""
         self._failures = 0
         self.stats.connected = True
         self.stats.last_error = None
         self._connected.set()
-        logger.info(
-            "source %s: connected to %s, reading %d tags in %d Read requests of up to %d nodes",
-            self.name,
-            self.cfg.endpoint,
-            len(self.tags),
-            len(self._chunks),
-            self.stats.chunk_size,
-        )
-        bad = [i for i, code in enumerate(self._status.tolist()) if code in _CONFIG_ERRORS]
-        for i in bad[:_MAX_TAG_LINES]:
+
+    async def _resolve_tags(self, client: Client) -> tuple[list[Resolved], int | None]:
+        """Resolve every tag on the server now connected: namespace URIs, browse paths, data types.
+
+        Called once per session, since a reprogrammed PLC may renumber its namespaces. Tags that
+        cannot be read get their status in the table until the next connect and one log line each;
+        `_nodes` holds the resolved ids afterwards (the null node for the others). Also returns the
+        server's MaxNodesPerRead (None: no limit), which the resolving Reads already respect.
+        """
+        server_limit = await read_max_nodes_per_read(client)
+        limits = [x for x in (server_limit, self.cfg.max_nodes_per_read) if x is not None]
+        resolved = await resolve(client, self._refs, min(limits, default=_DEFAULT_MAX_PER_READ))
+        self._nodes = [ua.NodeId() if r.node_id is None else r.node_id for r in resolved]
+        bad = [i for i, r in enumerate(resolved) if r.problem is not None]
+        if bad:
+            rows = self._idx[bad]
+            codes = np.array([resolved[i].status for i in bad], dtype=np.uint32)
+            nan, zero = np.full(len(bad), np.nan), np.zeros(len(bad), dtype=np.int64)
+            self.latest.write(rows, nan, codes, zero, time.monotonic_ns())
+            self.updated.notify()
+            self._report_tags([(i, str(resolved[i].problem)) for i in bad])
+        return resolved, server_limit
+
+    def _report_tags(self, problems: Sequence[tuple[int, str]]) -> None:
+        """One warning per (tag position, reason), the first few only, then a count."""
+        for i, reason in problems[:_MAX_TAG_LINES]:
+            logger.warning("source %s: tag %s: %s", self.name, self.tags[i].node_id, reason)
+        if len(problems) > _MAX_TAG_LINES:
             logger.warning(
-                "source %s: tag %s: %s",
-                self.name,
-                self.tags[i].node_id,
-                ua.StatusCode(ua.UInt32(self._status[i])).name,
+                "source %s: %d more tags cannot be read", self.name, len(problems) - _MAX_TAG_LINES
             )
-        if len(bad) > _MAX_TAG_LINES:
-            logger.warning("source %s: %d more tags cannot be read", self.name, len(bad) - _MAX_TAG_LINES)
 
     def _fail(self, exc: BaseException, status: int) -> None:
         """Record why the session ended and flag every tag of this source Bad."""
@@ -309,3 +290,161 @@ class OpcUaPollSource:
             logger.debug("source %s: disconnect: %r", self.name, exc)
         finally:
             client.disconnect_socket()
+
+
+class OpcUaPollSource(OpcUaSource):
+    """Polls all tags of one OPC-UA server into LatestValues: one Read per tick, chunked to the limits."""
+
+    def __init__(self, cfg: SourceConfig, tags: Sequence[SourceTag], latest: LatestValues) -> None:
+        super().__init__(cfg, tags, latest)
+        self.stats = SourceStats()
+        # Built at connect, once the tags are resolved and the server's MaxNodesPerRead is known.
+        self._chunks: list[tuple[EncodedRead, ReadDecoder]] = []
+        # The tags in the Read (the resolved ones): their table rows and the arrays decoders fill.
+        self._read_idx = self._idx[:0]
+        self._read_value = np.zeros(0)
+        self._read_status = np.zeros(0, dtype=np.uint32)
+        self._read_ts = np.zeros(0, dtype=np.int64)
+        self._read_pos: list[int] = []
+        self._last_read_time: float | None = None
+        # (monotonic ns, reads, values) at the last health refresh: the rates' window start.
+        self._rate_since = (time.monotonic_ns(), 0, 0)
+
+    async def _acquire(self, client: Client, lost: asyncio.Future[Exception]) -> None:
+        """Resolve the tags and plan the Read chunks for this server, then poll until an I/O error."""
+        resolved, server_limit = await self._resolve_tags(client)
+        self._plan_chunks(resolved, server_limit)
+        await self._poll(client, lost)
+
+    def _count_session_error(self) -> None:
+        self.stats.read_errors += 1
+
+    async def _poll(self, client: Client, lost: asyncio.Future[Exception]) -> None:
+        """Read on a fixed grid of the monotonic clock; a late read skips the ticks it overran."""
+        period = self.cfg.poll_interval_ms / 1000.0
+        t0 = time.monotonic()
+        tick = 0
+        while True:
+            await self._read(client)
+            if not self._connected.is_set():
+                self._on_first_read()
+            tick += 1
+            delay = t0 + tick * period - time.monotonic()
+            if delay < 0:
+                skipped = int(-delay / period)
+                tick += skipped
+                self.stats.missed_ticks += skipped
+                continue
+            # Waiting on the loss signal instead of sleeping marks the tags Bad as soon as the server goes.
+            await asyncio.wait((lost,), timeout=delay)
+            if lost.done():
+                raise lost.result()
+
+    def _plan_chunks(self, resolved: Sequence[Resolved], server_limit: int | None) -> None:
+        """Split the resolved tags into Reads of at most the server's and the config's MaxNodesPerRead."""
+        self._read_pos = [i for i, r in enumerate(resolved) if r.problem is None]
+        n = len(self._read_pos)
+        self._read_idx = self._idx[self._read_pos]
+        self._read_value = np.full(n, np.nan)
+        self._read_status = np.zeros(n, dtype=np.uint32)
+        self._read_ts = np.zeros(n, dtype=np.int64)
+        nodes = [self._nodes[i] for i in self._read_pos]
+        types = [resolved[i].variant_type for i in self._read_pos]
+        size = min(x for x in (n, server_limit, self.cfg.max_nodes_per_read) if x is not None)
+        self._chunks = [
+            self._chunk(nodes, types, start, min(start + size, n)) for start in range(0, n, max(size, 1))
+        ]
+        self.stats.chunk_size = size
+
+    def _chunk(
+        self, nodes: Sequence[ua.NodeId], types: Sequence[int], start: int, stop: int
+    ) -> tuple[EncodedRead, ReadDecoder]:
+        """The Read of nodes start..stop-1, encoded once (every tick sends the same), and its decoder."""
+        params = ua.ReadParameters(
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[
+                ua.ReadValueId(NodeId=node, AttributeId=ua.AttributeIds.Value) for node in nodes[start:stop]
+            ],
+        )
+        out = (self._read_value[start:stop], self._read_status[start:stop], self._read_ts[start:stop])
+        return EncodedRead(params), ReadDecoder(stop - start, out=out, expected=types[start:stop])
+
+    async def _read(self, client: Client) -> None:
+        """One Read per chunk, all sent at once to pipeline on the channel; stored in one write."""
+        chunks = self._chunks
+        uaclient = client.uaclient
+        self.stats.read_requests += len(chunks)
+        bodies: list[Buffer | BaseException]
+        if len(chunks) == 1:
+            bodies = [await chunks[0][0].send(uaclient)]
+        else:
+            # Every answer is awaited even when one fails, so no request outlives its tick.
+            bodies = await asyncio.gather(*(req.send(uaclient) for req, _ in chunks), return_exceptions=True)
+        recv_ns = time.monotonic_ns()
+        for (_, decoder), body in zip(chunks, bodies, strict=True):
+            if isinstance(body, BaseException):
+                raise body
+            if decoder.decode(body):
+                self.stats.fast_decodes += 1
+            else:
+                self.stats.slow_decodes += 1
+        # Written only once every chunk is decoded: samplers never see half a tick.
+        self.latest.write(self._read_idx, self._read_value, self._read_status, self._read_ts, recv_ns)
+        self.updated.notify()
+        self.stats.reads += 1
+        self.stats.values += len(self._read_idx)
+        self._last_read_time = time.time()
+        if recv_ns - self._rate_since[0] >= _HEALTH_PERIOD_NS:
+            self._refresh_health()
+
+    def _on_first_read(self) -> None:
+        """The session works: say so once and name the tags the server does not know."""
+        self._mark_connected()
+        logger.info(
+            "source %s: connected to %s, reading %d of %d tags in %d Read requests of up to %d nodes",
+            self.name,
+            self.cfg.endpoint,
+            len(self._read_idx),
+            len(self.tags),
+            len(self._chunks),
+            self.stats.chunk_size,
+        )
+        self.stats.reconnects = max(self.stats.connects - 1, 0)
+        self._report_tags(
+            [
+                (self._read_pos[k], ua.StatusCode(ua.UInt32(code)).name)
+                for k, code in enumerate(self._read_status.tolist())
+                if code in _CONFIG_ERRORS
+            ]
+        )
+        self._refresh_health()
+
+    def _set_disconnected(self, status: int) -> None:
+        super()._set_disconnected(status)
+        self._refresh_health()
+        self.stats.reads_per_s = self.stats.values_per_s = 0.0
+
+    def _refresh_health(self) -> None:
+        """Update the rates (since the last refresh), the last read time and the Bad tags by status."""
+        now = time.monotonic_ns()
+        since, reads, values = self._rate_since
+        if now > since:
+            self.stats.reads_per_s = (self.stats.reads - reads) * 1e9 / (now - since)
+            self.stats.values_per_s = (self.stats.values - values) * 1e9 / (now - since)
+        self._rate_since = (now, self.stats.reads, self.stats.values)
+        if self._last_read_time is not None:
+            stamp = datetime.fromtimestamp(self._last_read_time, timezone.utc)
+            self.stats.last_read_at = stamp.isoformat(timespec="milliseconds")
+        codes, counts = np.unique(self.latest.status[self._idx], return_counts=True)
+        self.stats.bad_by_status = {
+            ua.StatusCode(ua.UInt32(c)).name: n
+            for c, n in zip(codes.tolist(), counts.tolist(), strict=True)
+            if c & _BAD_SEVERITY
+        }
+
+    def health(self) -> dict[str, Any]:
+        """The health figures now: connected, last read, rates, Bad tags by status, reconnects."""
+        if time.monotonic_ns() - self._rate_since[0] >= _HEALTH_PERIOD_NS:
+            self._refresh_health()
+        keys = ("connected", "last_read_at", "reads_per_s", "values_per_s", "bad_by_status", "reconnects")
+        return {k: getattr(self.stats, k) for k in keys}

@@ -91,9 +91,14 @@ def us1601_to_unix_ns(us: np.ndarray) -> np.ndarray:
 
 
 def datavalues_to_arrays(
-    results: Sequence[ua.DataValue], value: np.ndarray, status: np.ndarray, source_ts: np.ndarray
+    results: Sequence[ua.DataValue],
+    value: np.ndarray,
+    status: np.ndarray,
+    source_ts: np.ndarray,
+    expected: Sequence[int] | None = None,
 ) -> None:
     """The generic path: decoded DataValues into value, status and source_ts (ns since 1970) arrays."""
+    # expected: per node, the Variant type byte its value must have (0: any number or Boolean).
     n = len(value)
     if len(results) != n:
         raise SourceError(f"Read returned {len(results)} results for {n} nodes")
@@ -108,7 +113,9 @@ def datavalues_to_arrays(
         var = dv.Value
         x: Any = None if var is None else var.Value
         kind = type(x)
-        if kind is float or kind is int or kind is bool:
+        if (kind is float or kind is int or kind is bool) and (
+            expected is None or not expected[i] or expected[i] == var.VariantType.value  # type: ignore[union-attr]
+        ):
             values[i] = x
         else:
             values[i] = nan
@@ -126,7 +133,9 @@ def datavalues_to_arrays(
 class _Layout:
     """Where each field of each DataValue of one Results array lies, relative to the array's first entry."""
 
-    def __init__(self, offsets: list[int], masks: list[int], vtypes: list[int], end: int) -> None:
+    def __init__(
+        self, offsets: list[int], masks: list[int], vtypes: list[int], end: int, expected: np.ndarray | None
+    ) -> None:
         off = np.array(offsets, dtype=np.intp)
         mask = np.array(masks, dtype=np.uint8)
         vt = np.array(vtypes, dtype=np.uint8)
@@ -141,12 +150,15 @@ class _Layout:
         self.key = np.concatenate([mask, vt[has_value]])
         self.status_rows, self.status_at = _gather_plan(mask & _STATUS, status_off, 4)
         self.ts_rows, self.ts_at = _gather_plan(mask & _SOURCE_TS, ts_off, 8)
+        # Values of another type than expected are left out: checked once per layout, since the fast
+        # path only ever extracts from bodies with these same type bytes.
+        usable = has_value if expected is None else has_value & ((expected == 0) | (expected == vt))
         self.values = [
-            (*_gather_plan(has_value & (vt == code), off + 2, dtype.itemsize), dtype, code == _BOOLEAN)
+            (*_gather_plan(usable & (vt == code), off + 2, dtype.itemsize), dtype, code == _BOOLEAN)
             for code, dtype in _VALUE_DTYPES.items()
-            if (has_value & (vt == code)).any()
+            if (usable & (vt == code)).any()
         ]
-        numeric = has_value & np.isin(vt, list(_VALUE_DTYPES))
+        numeric = usable & np.isin(vt, list(_VALUE_DTYPES))
         self.no_value_rows = np.flatnonzero(~numeric)
 
     def matches(self, body: np.ndarray) -> bool:
@@ -175,7 +187,7 @@ def _gather_plan(select: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np
     return rows, offsets[rows, None] + np.arange(size, dtype=np.intp)
 
 
-def _scan_layout(raw: bytes, start: int, n: int) -> _Layout | None:
+def _scan_layout(raw: bytes, start: int, n: int, expected: np.ndarray | None = None) -> _Layout | None:
     """Walk n DataValues from raw[start]; None if one holds anything but a scalar number, Boolean or null."""
     offsets, masks, vtypes = [0] * n, [0] * n, [0] * n
     p, size = start, len(raw)
@@ -197,15 +209,23 @@ def _scan_layout(raw: bytes, start: int, n: int) -> _Layout | None:
         p = q + _AFTER_VALUE[mask]
     if p > size:
         return None
-    return _Layout(offsets, masks, vtypes, p - start)
+    return _Layout(offsets, masks, vtypes, p - start, expected)
 
 
 class ReadDecoder:
     """Decodes Read response bodies for a fixed list of n nodes into preallocated arrays."""
 
-    def __init__(self, n: int, *, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        expected: Sequence[int] | None = None,
+    ) -> None:
         # `out`: (value, status, source_ts) arrays to fill in place, e.g. slices of a larger table
         # shared by the decoders of one request's chunks.
+        # `expected`: per node, the Variant type byte its value must arrive as, 0 for any number or
+        # Boolean; a value of another type is stored as NaN with BAD_TYPE_MISMATCH, never cast.
         if out is None:
             out = (np.full(n, np.nan), np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.int64))
         for array, dtype in zip(out, (np.float64, np.uint32, np.int64), strict=True):
@@ -217,6 +237,10 @@ class ReadDecoder:
         # source_ts: ns since 1970, 0 where the server sent no source timestamp.
         self.value, self.status, self.source_ts = out
         self.layout_scans = 0
+        if expected is not None and len(expected) != n:
+            raise ValueError(f"expected must have {n} entries, got {len(expected)}")
+        self.expected = None if expected is None else np.array(expected, dtype=np.uint8)
+        self._expected_list = None if expected is None else [int(x) for x in expected]
         self._layout: _Layout | None = None
 
     def decode(self, data: Buffer | bytes) -> bool:
@@ -234,7 +258,7 @@ class ReadDecoder:
         layout = self._layout
         if layout is None or not layout.matches(body):
             self.layout_scans += 1
-            layout = self._layout = _scan_layout(raw, start, self.n)
+            layout = self._layout = _scan_layout(raw, start, self.n, self.expected)
             if layout is None:
                 logger.debug("Read of %d nodes: entries NumPy cannot decode, using asyncua's decoder", self.n)
                 self.decode_generic(raw)
@@ -246,7 +270,7 @@ class ReadDecoder:
         """Fill the arrays through asyncua's own decoder: the reference the fast path must equal."""
         response = struct_from_binary(ua.ReadResponse, Buffer(bytes(data)))
         response.ResponseHeader.ServiceResult.check()
-        datavalues_to_arrays(response.Results, self.value, self.status, self.source_ts)
+        datavalues_to_arrays(response.Results, self.value, self.status, self.source_ts, self._expected_list)
 
 
 class EncodedRead:
