@@ -57,7 +57,7 @@ async def naive_reader(endpoint: str, node_ids: list[str], seconds: float) -> tu
 
 
 async def measure(
-    *, tags: int, hz: float, seconds: float, workdir: Path, naive_seconds: float = 5.0
+    *, tags: int, hz: float, seconds: float, workdir: Path, mode: str = "poll", naive_seconds: float = 5.0
 ) -> dict[str, Any]:
     """Run simulator (own process), broker and gateway (this process); return the figures."""
     from gateway.app import Gateway
@@ -72,7 +72,11 @@ async def measure(
         cfg_dict = demo_config(
             opc_port=opc_port, mqtt_port=mqtt_port, db_path=workdir / "bench.db", pumps=pumps
         )
-        cfg_dict["sources"][0]["poll_interval_ms"] = max(10, round(1000 / hz))
+        period_ms = max(10, round(1000 / hz))
+        if mode == "subscribe":
+            cfg_dict["sources"][0].update(mode="subscribe", publishing_interval_ms=period_ms)
+        else:
+            cfg_dict["sources"][0]["poll_interval_ms"] = period_ms
         for asset in cfg_dict["assets"]:
             asset["sample_rate_hz"] = hz
         cfg = load_config(write_config(cfg_dict, workdir / "config.yaml"))
@@ -114,6 +118,7 @@ async def measure(
     return {
         "tags": n_tags,
         "hz": hz,
+        "mode": mode,
         "seconds": round(elapsed, 2),
         "values_per_s": round((values1 - values0) / elapsed, 1),
         "delivered_fraction": round((values1 - values0) / (n_tags * hz * elapsed), 5),
@@ -144,7 +149,8 @@ def render(r: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            f"edge-gateway bench: {r['tags']} tags at {r['hz']:g} Hz for {r['seconds']:.1f} s on {r['machine']}, "
+            f"edge-gateway bench: {r['tags']} tags at {r['hz']:g} Hz ({r['mode']}) for {r['seconds']:.1f} s "
+            f"on {r['machine']}, "
             f"inference {r['backend']}",
             f"  values acquired        {r['values_per_s']:>10,.0f}/s   ({100 * r['delivered_fraction']:.2f}% of expected)",
             f"  windows inferred       {r['windows_per_s']:>10,.1f}/s",
@@ -163,7 +169,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 async def run_bench(
-    *, tags: int, hz: float, seconds: float, as_json: bool, naive_seconds: float = 5.0
+    *, tags: int, hz: float, seconds: float, as_json: bool, mode: str = "poll", naive_seconds: float = 5.0
 ) -> int:
     """CLI entry: run one measurement and print it."""
     if find_mosquitto() is None:
@@ -171,7 +177,7 @@ async def run_bench(
     logging.getLogger("gateway").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="edge-gateway-bench-") as wd:
         result = await measure(
-            tags=tags, hz=hz, seconds=seconds, workdir=Path(wd), naive_seconds=naive_seconds
+            tags=tags, hz=hz, seconds=seconds, workdir=Path(wd), mode=mode, naive_seconds=naive_seconds
         )
     print(json.dumps(result) if as_json else render(result))
     return 0

@@ -96,6 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             hz=args.hz,
             seconds=args.seconds,
             as_json=args.json,
+            mode=args.mode,
             naive_seconds=args.naive_seconds,
         )
     )
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tags", type=int, default=1000)
     b.add_argument("--hz", type=float, default=10.0)
     b.add_argument("--seconds", type=float, default=30.0)
+    b.add_argument("--mode", choices=["poll", "subscribe"], default="poll", help="how the gateway acquires")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
         "--naive-seconds",
