@@ -14,7 +14,8 @@ from typing import Any
 from gateway.config import SourceConfig
 from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
-from gateway.sources.opcua import OpcUaPollSource, SourceTag
+from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
+from gateway.sources.subscription import OpcUaSubscriptionSource
 from tests.conftest import free_port
 
 
@@ -45,11 +46,14 @@ def source_config(endpoint: str, **overrides: Any) -> SourceConfig:
 
 @contextlib.asynccontextmanager
 async def running_source(
-    endpoint: str, node_ids: Sequence[str], **cfg: Any
-) -> AsyncIterator[OpcUaPollSource]:
-    """An OpcUaPollSource for `node_ids` (rows 0..n-1 of its own table) running in a task, cancelled on exit."""
+    endpoint: str, node_ids: Sequence[str], latest: LatestValues | None = None, **cfg: Any
+) -> AsyncIterator[OpcUaSource]:
+    """A source (polling, or subscribing with mode="subscribe") for `node_ids`, rows 0..n-1 of `latest`
+    (its own table by default), running in a task that is cancelled on exit."""
     tags = [SourceTag(i, nid) for i, nid in enumerate(node_ids)]
-    source = OpcUaPollSource(source_config(endpoint, **cfg), tags, LatestValues(len(node_ids)))
+    config = source_config(endpoint, **cfg)
+    kind = OpcUaSubscriptionSource if config.mode == "subscribe" else OpcUaPollSource
+    source = kind(config, tags, latest if latest is not None else LatestValues(len(node_ids)))
     task = asyncio.create_task(source.run())
     try:
         yield source
@@ -57,3 +61,7 @@ async def running_source(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# A slow simulator: values written at start() stay put; tests write the changes themselves.
+STILL = {"rate_hz": 0.01, "fault_pump": None, "bad_tag": None, "nan_tag": None}

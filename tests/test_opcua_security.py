@@ -25,10 +25,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from gateway.certs import CERT_NAME, KEY_NAME, add_certs_command, create_certificate, thumbprint
 from gateway.config import SourceSecurity, load_config
 from gateway.errors import ConfigError
-from gateway.latest import GOOD, LatestValues
-from gateway.sources.opcua import OpcUaPollSource, SourceTag
+from gateway.latest import GOOD
+from gateway.sources.opcua import OpcUaPollSource
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_opcua import source_config
+from tests.fixtures_opcua import running_source
 
 CLIENT_URI = "urn:test:edge-gateway"
 SERVER_URI = "urn:test:plc"
@@ -107,18 +107,9 @@ async def secure_server(
         await server.stop()
 
 
-@contextlib.asynccontextmanager
-async def running(endpoint: str, node_id: str, security: SourceSecurity) -> AsyncIterator[OpcUaPollSource]:
+def running(endpoint: str, node_id: str, security: SourceSecurity):  # type: ignore[no-untyped-def]
     """An OpcUaPollSource with `security` polling `node_id`, cancelled on exit."""
-    cfg = source_config(endpoint, security=security)
-    source = OpcUaPollSource(cfg, [SourceTag(0, node_id)], LatestValues(1))
-    task = asyncio.create_task(source.run())
-    try:
-        yield source
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return running_source(endpoint, [node_id], security=security)
 
 
 def _security(certs: Certs, trust_dir: Path, **options: Any) -> SourceSecurity:

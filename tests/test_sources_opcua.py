@@ -24,10 +24,7 @@ from gateway.latest import (
 )
 from gateway.sources.opcua import OpcUaPollSource, SourceTag, read_max_nodes_per_read
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_opcua import running_simulator, running_source, source_config
-
-# A slow simulator: values written at start() stay put for the whole test.
-STILL = {"rate_hz": 0.01, "fault_pump": None, "bad_tag": None, "nan_tag": None}
+from tests.fixtures_opcua import STILL, running_simulator, running_source, source_config
 
 
 def _ns(dt: datetime) -> int:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -27,10 +26,8 @@ from gateway.latest import (
 from gateway.sources.opcua import OpcUaPollSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_opcua import running_simulator, source_config
+from tests.fixtures_opcua import STILL, running_simulator, running_source, source_config
 
-# A slow simulator: values written at start() stay put; the tests write the changes themselves.
-STILL = {"rate_hz": 0.01, "fault_pump": None, "bad_tag": None, "nan_tag": None}
 _MAX_ITEMS_PER_CALL = ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall))
 
 
@@ -60,23 +57,9 @@ def _double(x: float, stamp: datetime | None = None) -> ua.DataValue:
     return ua.DataValue(ua.Variant(x, ua.VariantType.Double), SourceTimestamp=stamp)
 
 
-@contextlib.asynccontextmanager
-async def running_subscription(
-    endpoint: str, node_ids: Sequence[str], latest: LatestValues | None = None, **cfg: Any
-) -> AsyncIterator[OpcUaSubscriptionSource]:
+def running_subscription(endpoint: str, node_ids: Sequence[str], latest: LatestValues | None = None, **cfg: Any):  # type: ignore[no-untyped-def]
     """A subscribing source for `node_ids` (rows 0..n-1) running in a task, cancelled on exit."""
-    tags = [SourceTag(i, nid) for i, nid in enumerate(node_ids)]
-    options = {"mode": "subscribe", "publishing_interval_ms": 50, **cfg}
-    source = OpcUaSubscriptionSource(
-        source_config(endpoint, **options), tags, latest if latest is not None else LatestValues(len(tags))
-    )
-    task = asyncio.create_task(source.run())
-    try:
-        yield source
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return running_source(endpoint, node_ids, latest, **{"mode": "subscribe", "publishing_interval_ms": 50, **cfg})
 
 
 def test_values_statuses_and_timestamps_arrive_by_subscription() -> None:
