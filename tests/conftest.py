@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 import pytest
 
+from gateway.demo.run import free_port
+
 pytest_plugins = ["tests.fixtures_opcua", "tests.fixtures_mqtt"]
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -34,3 +28,6 @@ async def wait_for_condition(
         if loop.time() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+__all__ = ["free_port", "wait_for_condition"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
+
+from asyncua import ua
 
 from gateway.config import SourceConfig
 from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_condition
 
 
 @contextlib.asynccontextmanager
@@ -65,3 +68,21 @@ async def running_source(
 
 # A slow simulator: values written at start() stay put; tests write the changes themselves.
 STILL = {"rate_hz": 0.01, "fault_pump": None, "bad_tag": None, "nan_tag": None}
+
+
+def unix_ns(dt: datetime) -> int:
+    """An aware datetime as integer ns since the Unix epoch, at the microsecond resolution OPC-UA keeps."""
+    return (dt - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1) * 1000
+
+
+async def write_uncertain_and_await(sim: PlcSimulator, latest: LatestValues, node_id: str, row: int) -> None:
+    """Write a value with an Uncertain status and a set source time on the server; assert all three arrive."""
+    stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+    uncertain = ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)
+    await sim.server.write_attribute_value(
+        ua.NodeId.from_string(node_id),
+        ua.DataValue(ua.Variant(1234.5, ua.VariantType.Double), uncertain, stamp),
+    )
+    await wait_for_condition(lambda: latest.value[row] == 1234.5)
+    assert latest.status[row] == ua.StatusCodes.UncertainLastUsableValue
+    assert latest.source_ts[row] == unix_ns(stamp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -24,11 +23,14 @@ from gateway.latest import (
 )
 from gateway.sources.opcua import OpcUaPollSource, SourceTag, read_max_nodes_per_read
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_opcua import STILL, running_simulator, running_source, source_config
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1) * 1000
+from tests.fixtures_opcua import (
+    STILL,
+    running_simulator,
+    running_source,
+    source_config,
+    unix_ns,
+    write_uncertain_and_await,
+)
 
 
 def test_values_statuses_and_timestamps_match_the_server() -> None:
@@ -42,20 +44,12 @@ def test_values_statuses_and_timestamps_match_the_server() -> None:
                     dv = sim.data_value(pump, tag)
                     assert latest.value[row] == dv.Value.Value
                     assert latest.status[row] == GOOD
-                    assert latest.source_ts[row] == _ns(dv.SourceTimestamp)
+                    assert latest.source_ts[row] == unix_ns(dv.SourceTimestamp)
                 assert (latest.recv_ns > 0).all()
 
                 # A value, status and timestamp set now must show up as such.
-                stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
-                uncertain = ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)
-                await sim.server.write_attribute_value(
-                    ua.NodeId.from_string(sim.node_id(2, "speed")),
-                    ua.DataValue(ua.Variant(1234.5, ua.VariantType.Double), uncertain, stamp),
-                )
-                row = nodes.index(sim.node_id(2, "speed"))
-                await wait_for_condition(lambda: latest.value[row] == 1234.5)
-                assert latest.status[row] == ua.StatusCodes.UncertainLastUsableValue
-                assert latest.source_ts[row] == _ns(stamp)
+                speed = sim.node_id(2, "speed")
+                await write_uncertain_and_await(sim, latest, speed, nodes.index(speed))
                 assert source.stats.values == source.stats.reads * len(nodes)
                 assert source.stats.connects == 1 and source.stats.read_errors == 0
 
@@ -276,7 +270,7 @@ def test_reads_are_chunked_to_the_smaller_of_server_limit_and_config(
                 for row in range(len(nodes)):
                     dv = sim.data_value(row // len(TAGS) + 1, TAGS[row % len(TAGS)])
                     assert latest.value[row] == dv.Value.Value
-                    assert latest.source_ts[row] == _ns(dv.SourceTimestamp)
+                    assert latest.source_ts[row] == unix_ns(dv.SourceTimestamp)
                 assert (latest.status == GOOD).all()
             stats = source.stats
 

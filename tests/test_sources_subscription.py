@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,14 @@ from gateway.latest import (
 from gateway.sources.opcua import OpcUaPollSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_opcua import STILL, running_simulator, running_source, source_config
+from tests.fixtures_opcua import (
+    STILL,
+    running_simulator,
+    running_source,
+    source_config,
+    unix_ns,
+    write_uncertain_and_await,
+)
 
 _MAX_ITEMS_PER_CALL = ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall))
 
@@ -47,10 +54,6 @@ class RecordingLatest(LatestValues):
     def seen(self, row: int) -> list[float]:
         """Every value stored for `row`, oldest first."""
         return [batch[row] for batch in self.batches if row in batch]
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1) * 1000
 
 
 def _double(x: float, stamp: datetime | None = None) -> ua.DataValue:
@@ -77,7 +80,7 @@ def test_values_statuses_and_timestamps_arrive_by_subscription() -> None:
                 for row, node in enumerate(sim.tags):
                     dv = sim.data_value(1, node.rsplit(".", 1)[1])
                     assert latest.value[row] == dv.Value.Value
-                    assert latest.source_ts[row] == _ns(dv.SourceTimestamp)
+                    assert latest.source_ts[row] == unix_ns(dv.SourceTimestamp)
                 text, flag, missing = len(sim.tags), len(sim.tags) + 1, len(sim.tags) + 2
                 await wait_for_condition(lambda: latest.status[flag] == GOOD and latest.status[text] != 0x80320000)
                 assert math.isnan(latest.value[text]) and latest.status[text] == BAD_TYPE_MISMATCH
@@ -86,16 +89,8 @@ def test_values_statuses_and_timestamps_arrive_by_subscription() -> None:
                 # Both are caught while resolving the tags, before any monitored item is asked for.
                 assert source.stats.refused_items == 0 and source.stats.create_calls == 1
 
-                stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
-                uncertain = ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)
-                await sim.server.write_attribute_value(
-                    ua.NodeId.from_string(sim.node_id(1, "speed")),
-                    ua.DataValue(ua.Variant(1234.5, ua.VariantType.Double), uncertain, stamp),
-                )
-                row = nodes.index(sim.node_id(1, "speed"))
-                await wait_for_condition(lambda: latest.value[row] == 1234.5)
-                assert latest.status[row] == ua.StatusCodes.UncertainLastUsableValue
-                assert latest.source_ts[row] == _ns(stamp)
+                speed = sim.node_id(1, "speed")
+                await write_uncertain_and_await(sim, latest, speed, nodes.index(speed))
                 assert source.stats.connected and source.stats.connects == 1 and source.stats.session_errors == 0
                 assert 0 < source.stats.notifications <= latest.writes
 
