@@ -81,12 +81,23 @@ def comm_loss_model(source: str) -> str:
     return f"source:{source}"
 
 
+def comm_loss_targets(cfg: GatewayConfig) -> dict[str, list[str]]:
+    """Per source with comm_loss enabled, the names its alarm is raised on: its assets, or itself."""
+    return {
+        s.name: [s.name] if s.comm_loss.scope == "source" else [a.name for a in cfg.assets if a.source == s.name]
+        for s in cfg.sources
+        if s.comm_loss.enabled
+    }
+
+
 def comm_loss_rules(cfg: GatewayConfig, *, version: str) -> list[AlarmRule]:
     """One system rule per source: value = seconds disconnected, raised at the configured delay.
 
     It goes through the same engine, store, outbox and topic as model alarms, so SCADA sees it on each
-    asset the source feeds, and a restart restores it like any other alarm.
+    asset the source feeds (or once under the source's name, with scope source), and a restart
+    restores it like any other alarm.
     """
+    targets = comm_loss_targets(cfg)
     return [
         AlarmRule(
             name=COMM_LOSS,
@@ -100,10 +111,10 @@ def comm_loss_rules(cfg: GatewayConfig, *, version: str) -> list[AlarmRule]:
             severity=s.comm_loss.severity,
             kind="system",
             model_version=version,
-            assets=frozenset(a.name for a in cfg.assets if a.source == s.name),
+            assets=frozenset(targets[s.name]),
         )
         for s in cfg.sources
-        if s.comm_loss.enabled
+        if s.name in targets
     ]
 
 

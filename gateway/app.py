@@ -20,6 +20,7 @@ from gateway.alarms import (
     build_rules,
     comm_loss_model,
     comm_loss_rules,
+    comm_loss_targets,
 )
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
@@ -97,18 +98,17 @@ class Gateway:
         self.started_at = iso_utc(time.time_ns())
         self.counters = Counters()
         self.latency = LatencyReservoir()
-        n_tags = sum(len(a.tags) for a in cfg.assets)
-        self.latest = LatestValues(n_tags)
+        # One table row per channel: a scalar tag has one, an array tag one per element.
+        self.latest = LatestValues(sum(len(a.channels) for a in cfg.assets))
         self.samplers: dict[str, AssetSampler] = {}
         source_tags: dict[str, list[SourceTag]] = {s.name: [] for s in cfg.sources}
-        next_index = 0
+        row = 0
         for position, asset in enumerate(cfg.assets):
-            idx = np.arange(next_index, next_index + len(asset.tags))
-            next_index += len(asset.tags)
-            self.samplers[asset.name] = AssetSampler(asset, idx, self.latest, phase=position)
-            source_tags[asset.source].extend(
-                SourceTag(int(i), t.node_id) for i, t in zip(idx, asset.tags, strict=True)
-            )
+            rows = np.arange(row, row + len(asset.channels))
+            self.samplers[asset.name] = AssetSampler(asset, rows, self.latest, phase=position)
+            for t in asset.tags:
+                source_tags[asset.source].append(SourceTag(row, t.node_id, t.array_length))
+                row += len(t.channels)
         self.sources: list[OpcUaSource] = [
             (OpcUaSubscriptionSource if s.mode == "subscribe" else OpcUaPollSource)(
                 s, source_tags[s.name], self.latest
@@ -133,6 +133,7 @@ class Gateway:
         self._score_task: asyncio.Task[None] | None = None
         self._outbox_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self._last_inference_error = ""
 
     async def start(self) -> None:
@@ -163,6 +164,8 @@ class Gateway:
             sup.spawn(self._infer_loop(m), f"inference:{n}") for n, m in self.models.items()
         ]
         self._watch_task = sup.spawn(self._watch_sources(), "comm-loss")
+        interval = self.cfg.gateway.health_log_interval_s
+        self._health_task = sup.spawn(self._log_health(interval), "health-log") if interval > 0 else None
         self._outbox_task = sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
         self._score_task = (
             sup.spawn(self._publish_scores(), "scores") if self.cfg.mqtt.publish_scores else None
@@ -222,7 +225,7 @@ class Gateway:
             return max(0.1, min(cap, deadline - time.monotonic()))
 
         sup = self.supervisor
-        watch = [self._watch_task] if self._watch_task is not None else []
+        watch = [t for t in (self._watch_task, self._health_task) if t is not None]
         for task in (*watch, *self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
             await sup.cancel(task, left())
         if self._outbox_task is not None:
@@ -342,6 +345,7 @@ class Gateway:
     async def _watch_sources(self) -> None:
         """Once a second, feed each source's time without a session to its comm_loss rule."""
         assert self.engine is not None
+        targets = comm_loss_targets(self.cfg)
         down_since: dict[str, int] = {}
         while True:
             now = time.monotonic_ns()
@@ -353,12 +357,29 @@ class Gateway:
                 else:
                     down_s = (now - down_since.setdefault(name, now)) / 1e9
                 value = np.array([down_s])
-                for asset in (a.name for a in self.cfg.assets if a.source == name):
+                for target in targets.get(name, []):
                     for event in self.engine.decide(
-                        comm_loss_model(name), asset, value, source_ts_ns=0, now_ns=time.time_ns()
+                        comm_loss_model(name), target, value, source_ts_ns=0, now_ns=time.time_ns()
                     ):
                         await self._emit(event)
             await asyncio.sleep(COMM_LOSS_CHECK_S)
+
+    async def _log_health(self, interval_s: float) -> None:
+        """One INFO line per source and one for the pipeline every `interval_s`: health in the journal."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for source in self.sources:
+                logger.info("health %s", source.health_line())
+            c = self.counters
+            logger.info(
+                "health pipeline: %d windows inferred, %d inference error(s), %d alarm(s) active, mqtt %s, "
+                "%d score(s) dropped",
+                c.windows_inferred,
+                c.inference_errors,
+                len(self.engine.active()) if self.engine else 0,
+                "connected" if self.publisher.connected else "disconnected",
+                c.scores_dropped,
+            )
 
     def _queue_score(
         self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int
@@ -408,7 +429,7 @@ class Gateway:
             "version": __version__,
             "started_at": self.started_at,
             "counters": vars(self.counters).copy(),
-            "sources": {s.cfg.name: vars(s.stats).copy() for s in self.sources},
+            "sources": {s.cfg.name: s.status() for s in self.sources},
             "assets": {
                 name: {"samples": s.samples, "windows": s.windows_emitted, "skips": dict(s.skips)}
                 for name, s in self.samplers.items()

@@ -2,25 +2,28 @@
 
 Browsing goes level by level: one Browse request for every node of a level and one Read of the
 DataType, ValueRank and ArrayDimensions of every variable of that level, so a plant of 5,000
-variables costs a handful of requests rather than one per node.
+variables costs a handful of requests rather than one per node. The session is opened exactly as a
+source's (a SourceConfig with the same security block, gateway.sources.security.new_client and
+connect_client), so a browse that works proves the config's security settings work too. The command
+line is gateway.browse_cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import yaml
-from asyncua import Client, Node, ua
-from asyncua.common.ua_utils import get_base_data_type
+from asyncua import Client, ua
 
-from gateway.errors import EXIT_OK, SourceError
+from gateway.config import SourceConfig
+from gateway.errors import SourceError
+from gateway.sources.nodes import NodeRef, base_type, locate_nodes
+from gateway.sources.security import connect_client, new_client
 
 _OBJECTS = ua.NodeId(ua.ObjectIds.ObjectsFolder)
 _SERVER = ua.NodeId(ua.ObjectIds.Server)
@@ -28,8 +31,6 @@ _HIERARCHICAL = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
 _HAS_PROPERTY = ua.NodeId(ua.ObjectIds.HasProperty)
 # Requests stay well below asyncua's and most PLCs' MaxNodesPerBrowse / MaxNodesPerRead.
 _CHUNK = 1000
-_SESSION_TIMEOUT_MS = 60_000
-_NODE_ID = re.compile(r"^(ns=\d+;)?[isgb]=.+$")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 _NAME_MAX = 64
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -76,6 +77,13 @@ class BrowsedNode:
             return "array[" + "x".join(str(d) if d else "?" for d in dims) + "]"
         return _RANKS.get(self.value_rank, f"value rank {self.value_rank}")
 
+    @property
+    def array_length(self) -> int | None:
+        """L for a one-dimensional array of fixed length (ValueRank 1, ArrayDimensions [L], L > 0), else None."""
+        if self.value_rank == 1 and self.dimensions is not None and len(self.dimensions) == 1:
+            return self.dimensions[0] or None
+        return None
+
     def line(self) -> str:
         """One line of the tree for this node, without indentation."""
         parts = [self.qualified_name, self.node_class.name, self.node_id.to_string()]
@@ -97,7 +105,6 @@ class AddressSpace:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._type_names: dict[ua.NodeId, str] = {}
-        self._type_bases: dict[ua.NodeId, int | None] = {}
 
     async def references(
         self, nodes: Sequence[ua.NodeId], ref_type: ua.NodeId = _HIERARCHICAL
@@ -162,33 +169,19 @@ class AddressSpace:
             raise BrowseError(f"unknown node {node_id.to_string()}: {name.StatusCode.name}")
         return BrowsedNode(node_id, name.Value.Value, ua.NodeClass(cls.Value.Value))
 
-    async def resolve(self, spec: str | None) -> BrowsedNode:
-        """A NodeId string, or a browse path below Objects such as '2:pump01' or 'plant/pump01'."""
-        if not spec:
+    async def resolve(self, ref: NodeRef | None) -> BrowsedNode:
+        """The start node `ref` (see browse_cli.start_ref) on this server, checked to exist; None is Objects."""
+        if ref is None:
             return await self.node(_OBJECTS)
-        if _NODE_ID.match(spec):
-            try:
-                node_id = ua.NodeId.from_string(spec)
-            except (ValueError, ua.UaError) as exc:
-                raise BrowseError(f"invalid node id {spec!r}: {exc}") from exc
-            return await self.node(node_id)
-        current = await self.node(_OBJECTS)
-        for element in spec.strip("/").split("/"):
-            ns, _, name = element.rpartition(":")
-            (refs,) = await self.references([current.node_id])
-            found = [
-                r
-                for r in refs
-                if r.BrowseName.Name == name and (not ns or str(r.BrowseName.NamespaceIndex) == ns)
-            ]
-            if len(found) != 1:
-                what = "no child" if not found else f"{len(found)} children"
-                raise BrowseError(
-                    f"unknown browse path {spec!r}: {what} {element!r} under {current.qualified_name}"
-                )
-            ref = found[0]
-            current = BrowsedNode(_plain(ref.NodeId), ref.BrowseName, ref.NodeClass)
-        return current
+        (found,) = await locate_nodes(self.client, [ref])
+        if found.node_id is not None:
+            return await self.node(found.node_id)
+        if found.status == ua.StatusCodes.BadNodeIdUnknown:
+            # A namespace URI the server does not have.
+            raise BrowseError(f"unknown node {ref.text!r}: {found.problem}")
+        # A config's bare name is namespace 0, as here; plant objects rarely are.
+        hint = "; a name without 'N:' is in namespace 0" if any(ns == 0 for ns, _ in ref.path) else ""
+        raise BrowseError(f"unknown browse path {ref.text!r}: {found.problem}{hint}")
 
     async def describe(self, variables: Sequence[BrowsedNode]) -> None:
         """Fill in data type, its name, value rank and array dimensions of variables, in one pass."""
@@ -213,16 +206,6 @@ class AddressSpace:
         for var in variables:
             if var.data_type is not None:
                 var.type_name = self._type_names[var.data_type]
-
-    async def base_type(self, data_type: ua.NodeId) -> int | None:
-        """Identifier of the built-in type (ns=0, i<30) a data type derives from; None if there is none."""
-        if data_type not in self._type_bases:
-            try:
-                base = await get_base_data_type(Node(self.client.uaclient, data_type))
-                self._type_bases[data_type] = int(base.nodeid.Identifier)
-            except ua.UaError:
-                self._type_bases[data_type] = None
-        return self._type_bases[data_type]
 
     async def tree(self, root: BrowsedNode, depth: int, *, show_all: bool) -> BrowsedNode:
         """Fill `root.children` down to `depth` levels, breadth first, one batch per level."""
@@ -268,22 +251,17 @@ class AddressSpace:
 
 
 @contextlib.asynccontextmanager
-async def connected(endpoint: str, timeout: float) -> AsyncIterator[AddressSpace]:
-    """An anonymous session to `endpoint`; connection and protocol failures become BrowseError."""
-    url = urlparse(endpoint)
-    try:
-        port = url.port
-    except ValueError:
-        port = None
-    if url.scheme != "opc.tcp" or not url.hostname or port is None:
-        raise BrowseError(f"endpoint must look like opc.tcp://HOST:PORT/, got {endpoint!r}")
-    client = Client(endpoint, timeout=timeout)
-    # asyncua asks for an hour and warns when a server grants less; a browse needs far less.
-    client.session_timeout = _SESSION_TIMEOUT_MS
+async def connected(cfg: SourceConfig) -> AsyncIterator[AddressSpace]:
+    """A session opened like the gateway's source `cfg` opens one; I/O and protocol failures become BrowseError.
+
+    Security and login refusals come as the SecurityError lines the gateway logs for a source.
+    """
+    endpoint, timeout = cfg.endpoint, cfg.timeout_s
+    client = new_client(cfg)
     opened = False
     try:
         try:
-            await asyncio.wait_for(client.connect(), timeout)
+            await asyncio.wait_for(connect_client(client, cfg), timeout)
             opened = True
             yield AddressSpace(client)
         except asyncio.TimeoutError as exc:
@@ -328,13 +306,18 @@ def _scalar(text: str) -> str:
     return text if _PLAIN.fullmatch(text) and yaml.safe_load(text) == text else json.dumps(text)
 
 
-async def _why_not_a_tag(space: AddressSpace, var: BrowsedNode) -> str | None:
-    """None when the variable can be a gateway tag (a numeric or boolean scalar), else the reason."""
+def _why_not_a_tag(var: BrowsedNode, bases: dict[ua.NodeId, int | None]) -> str | None:
+    """None when the variable can be a gateway tag (numeric or boolean, a scalar or a fixed 1-D array), else why.
+
+    `bases` maps each data type to the built-in type it derives from (nodes.base_type).
+    """
     if var.data_type is None:
         return "data type unreadable"
-    if var.value_rank != -1:
-        return f"{var.type_name} {var.rank_text()}, not a scalar"
-    base = await space.base_type(var.data_type)
+    if var.value_rank == 1 and var.array_length is None:
+        return f"{var.type_name} {var.rank_text()}: length unknown (no fixed ArrayDimensions)"
+    if var.value_rank != -1 and var.array_length is None:
+        return f"{var.type_name} {var.rank_text()}, not a scalar or a one-dimensional array"
+    base = bases[var.data_type]
     if base == _ENUMERATION:
         return f"{var.type_name} is an enumeration"
     if base not in _NUMERIC_BASES:
@@ -342,9 +325,9 @@ async def _why_not_a_tag(space: AddressSpace, var: BrowsedNode) -> str | None:
     return None
 
 
-async def tags_yaml(space: AddressSpace, spec: str) -> str:
-    """A `tags:` block for the numeric and boolean scalar variables directly under the object `spec`."""
-    obj = await space.resolve(spec)
+async def tags_yaml(space: AddressSpace, ref: NodeRef | None) -> str:
+    """A `tags:` block for the numeric and boolean scalars and fixed-length 1-D arrays directly under `ref`."""
+    obj = await space.resolve(ref)
     (refs,) = await space.references([obj.node_id])
     variables = [
         BrowsedNode(_plain(r.NodeId), r.BrowseName, r.NodeClass)
@@ -352,7 +335,10 @@ async def tags_yaml(space: AddressSpace, spec: str) -> str:
         if r.NodeClass == ua.NodeClass.Variable
     ]
     await space.describe(variables)
-    reasons = [await _why_not_a_tag(space, v) for v in variables]
+    # One lookup per distinct data type, the built-ins without a request.
+    types = {v.data_type for v in variables if v.data_type is not None}
+    bases = {t: await base_type(space.client, t) for t in types}
+    reasons = [_why_not_a_tag(v, bases) for v in variables]
     units = await space.units([v for v, why in zip(variables, reasons, strict=True) if why is None])
     kept = sum(why is None for why in reasons)
     lines = [
@@ -362,65 +348,10 @@ async def tags_yaml(space: AddressSpace, spec: str) -> str:
     taken: set[str] = set()
     for var, why in zip(variables, reasons, strict=True):
         name = tag_name(var.browse_name.Name, taken)
+        length = f", array_length: {var.array_length}" if var.array_length is not None else ""
         entry = (
             f"- {{name: {_scalar(name)}, node_id: {json.dumps(var.node_id.to_string())}, "
-            f"unit: {json.dumps(units.get(var.node_id, ''))}}}"
+            f"unit: {json.dumps(units.get(var.node_id, ''))}{length}}}"
         )
         lines.append(f"  {entry}" if why is None else f"  # {entry}  # left out: {why}")
     return "\n".join(lines)
-
-
-async def run_browse(args: argparse.Namespace) -> int:
-    """Connect, then print the tree or the tags block; BrowseError on any failure."""
-    async with connected(args.endpoint, args.timeout) as space:
-        if args.yaml is not None:
-            print(await tags_yaml(space, args.yaml))
-        else:
-            root = await space.resolve(args.root)
-            print(format_tree(await space.tree(root, args.depth, show_all=args.all)))
-    return EXIT_OK
-
-
-def cmd_browse(args: argparse.Namespace) -> int:
-    """Print a server's address space, or a tags block for one object."""
-    return asyncio.run(run_browse(args))
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` above zero."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def add_browse_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `browse ENDPOINT [--depth N] [--root NODE] [--all] [--yaml OBJECT] [--timeout S]`."""
-    b = subparsers.add_parser(
-        "browse", help="print an OPC-UA server's address space, or a tags block for one object (--yaml)"
-    )
-    b.add_argument("endpoint", help="server URL, e.g. opc.tcp://192.168.0.10:4840")
-    b.add_argument("--depth", type=_positive(int), default=3, help="levels below the start node (default 3)")
-    b.add_argument(
-        "--root",
-        default=None,
-        help="start node: a NodeId (ns=2;s=Line1) or a browse path below Objects (2:Line1)",
-    )
-    b.add_argument("--all", action="store_true", help="include the standard Server object")
-    b.add_argument(
-        "--yaml",
-        metavar="OBJECT",
-        default=None,
-        help="print a config tags block for the variables of OBJECT (browse path like 2:pump01, or a NodeId)",
-    )
-    b.add_argument(
-        "--timeout", type=_positive(float), default=4.0, help="seconds to wait for each answer (default 4)"
-    )
-    b.set_defaults(func=cmd_browse)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.browse import add_browse_command
+from gateway.browse_cli import add_browse_command
 from gateway.certs import add_certs_command
 from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
 
@@ -40,8 +40,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     models = load_models(cfg, manifests)
     rules = build_rules(cfg, manifests)
     n_tags = sum(len(a.tags) for a in cfg.assets)
+    n_channels = sum(len(a.channels) for a in cfg.assets)
+    tags = f"{n_tags} tag(s)" if n_channels == n_tags else f"{n_tags} tag(s) ({n_channels} channels)"
     print(
-        f"{args.config}: OK: {len(cfg.sources)} source(s), {len(cfg.assets)} asset(s), {n_tags} tag(s), "
+        f"{args.config}: OK: {len(cfg.sources)} source(s), {len(cfg.assets)} asset(s), {tags}, "
         f"{len(models)} model(s), {len(rules)} alarm rule(s)"
     )
     return EXIT_OK

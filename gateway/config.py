@@ -25,6 +25,8 @@ class _Model(BaseModel):
 class GatewaySection(_Model):
     id: Name = "gw01"
     shutdown_timeout_s: PositiveFloat = 4.0
+    # One INFO line per source and one for the pipeline this often; 0 turns it off.
+    health_log_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
 
 
 def read_secret(where: str, env: str | None, file: Path | None) -> str | None:
@@ -87,11 +89,15 @@ class SourceSecurity(_Model):
 
 
 class CommLossConfig(_Model):
-    """The system alarm `comm_loss` raised on each asset of a source that stays disconnected."""
+    """The system alarm `comm_loss` raised when a source stays disconnected."""
 
     enabled: bool = True
     delay_s: PositiveFloat = 10.0  # disconnected this long before the alarm is raised
     severity: Severity = "high"
+    # asset: one alarm on each asset the source feeds, on each asset's alarm topic (the operator
+    # sees which machines are blind); source: one alarm for the PLC, with the source name in the
+    # asset field and topic (a PLC feeding many assets raises one alarm, not one per asset).
+    scope: Literal["asset", "source"] = "asset"
 
 
 class Deadband(_Model):
@@ -150,6 +156,16 @@ class TagConfig(_Model):
     unit: str = ""
     scale: float = Field(default=1.0, allow_inf_nan=False)
     offset: float = Field(default=0.0, allow_inf_nan=False)
+    # A one-dimensional array node (e.g. a vibration waveform block) of exactly this many elements:
+    # it fills as many consecutive channels, named name[0] .. name[N-1]; scale and offset apply to each.
+    array_length: Annotated[int, Field(ge=1, le=65_536)] | None = None
+
+    @property
+    def channels(self) -> list[str]:
+        """The channel names this tag fills: its name, or name[i] for each element of an array."""
+        if self.array_length is None:
+            return [self.name]
+        return [f"{self.name}[{i}]" for i in range(self.array_length)]
 
     @field_validator("node_id")
     @classmethod
@@ -174,6 +190,11 @@ class AssetConfig(_Model):
     # How long a Bad/NaN tag may hold its last good value before the window is invalid.
     max_gap_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     tags: list[TagConfig] = Field(min_length=1)
+
+    @property
+    def channels(self) -> list[str]:
+        """The asset's channel names in window column order: its tags', arrays expanded."""
+        return [c for t in self.tags for c in t.channels]
 
     @model_validator(mode="after")
     def _unique_tags(self) -> AssetConfig:
@@ -319,6 +340,13 @@ def _cross_check(cfg: GatewayConfig) -> list[tuple[Loc, str]]:
     for i, s in enumerate(cfg.sources):
         if s.name not in used:
             problems.append((("sources", i, "name"), f"source {s.name!r} is not used by any asset"))
+        if s.comm_loss.enabled and s.comm_loss.scope == "source" and s.name in assets:
+            problems.append(
+                (
+                    ("sources", i, "comm_loss", "scope"),
+                    f"scope source publishes under the source name, and {s.name!r} is also an asset: rename one",
+                )
+            )
     for i, m in enumerate(cfg.models):
         for j, name in enumerate(m.assets):
             if name not in assets:

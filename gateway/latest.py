@@ -20,6 +20,13 @@ def is_good(status: np.ndarray) -> np.ndarray:
     return (status & SEVERITY_MASK) == 0
 
 
+def tag_rows(first: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The table rows of tags whose values fill `width` consecutive rows from `first`, tag after tag."""
+    # An array tag (width > 1) fills one row per element; a scalar tag one row.
+    ends = np.cumsum(width)
+    return np.repeat(first - (ends - width), width) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
 class LatestValues:
     """Arrays indexed by tag number; a source writes a read response with one vectorised assignment.
 

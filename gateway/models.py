@@ -43,7 +43,7 @@ def load_manifests(cfg: GatewayConfig) -> dict[str, ModelManifest]:
                         f"asset {asset_name!r} has window.length {asset.window.length}"
                     )
                 channel_permutation(
-                    [t.name for t in asset.tags], manifest.input.channels, model=m.name, asset=asset_name
+                    asset.channels, manifest.input.channels, model=m.name, asset=asset_name
                 )
                 if manifest.sample_rate_hz and manifest.sample_rate_hz != asset.sample_rate_hz:
                     logger.warning(
@@ -69,7 +69,7 @@ def load_models(cfg: GatewayConfig, manifests: dict[str, ModelManifest]) -> dict
         backend = load_onnxruntime(m.path, manifest)
         columns = {
             a: channel_permutation(
-                [t.name for t in cfg.asset(a).tags], manifest.input.channels, model=m.name, asset=a
+                cfg.asset(a).channels, manifest.input.channels, model=m.name, asset=a
             )
             for a in m.assets
         }

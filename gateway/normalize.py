@@ -27,8 +27,12 @@ class EngineeringScaling:
 
     @classmethod
     def from_tags(cls, tags: Sequence[TagConfig]) -> EngineeringScaling:
-        """Scaling for an asset's tags, in the asset's tag order."""
-        return cls(np.array([t.scale for t in tags]), np.array([t.offset for t in tags]))
+        """Scaling for an asset's channels, in the asset's channel order (an array's elements share its tag's)."""
+        widths = [len(t.channels) for t in tags]
+        return cls(
+            np.repeat([t.scale for t in tags], widths).astype(np.float64),
+            np.repeat([t.offset for t in tags], widths).astype(np.float64),
+        )
 
     def apply(self, raw_row: np.ndarray) -> np.ndarray:
         """Engineering values (float64) of one row of raw values in tag order; a new array."""
@@ -38,17 +42,23 @@ class EngineeringScaling:
 
 
 def channel_permutation(
-    asset_tags: Sequence[str], channels: Sequence[str], *, model: str, asset: str
+    asset_channels: Sequence[str], channels: Sequence[str], *, model: str, asset: str
 ) -> np.ndarray:
-    """Indices into the asset's tag order that give the manifest's channel order (`data[:, perm]`)."""
-    position = {name: i for i, name in enumerate(asset_tags)}
+    """Indices into the asset's channel order that give the manifest's channel order (`data[:, perm]`)."""
+    position = {name: i for i, name in enumerate(asset_channels)}
     missing = [c for c in channels if c not in position]
     if missing:
         raise ModelError(
             f"model {model!r} needs channel(s) {', '.join(missing)} that asset {asset!r} does not have; "
-            f"asset tags: {', '.join(asset_tags)}"
+            f"asset channels: {_summary(asset_channels)}"
         )
     return np.array([position[c] for c in channels], dtype=np.intp)
+
+
+def _summary(names: Sequence[str], limit: int = 20) -> str:
+    """The names comma-separated, cut after `limit` with a count (array tags make long lists)."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
 class Normalizer:

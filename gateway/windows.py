@@ -100,7 +100,7 @@ class Window:
     """One complete, valid window of one asset, copied out of the ring for inference."""
 
     asset: str
-    data: np.ndarray  # [L, C] float64 engineering units, asset tag order, oldest row first
+    data: np.ndarray  # [L, C] float64 engineering units, asset channel order, oldest row first
     end_source_ts_ns: int  # newest PLC source timestamp among the tags of the newest row
     end_recv_ns: int  # newest gateway arrival time (monotonic ns) among the tags of the newest row
     sample_index: int  # how many samples of this asset had been taken at the newest row
@@ -118,16 +118,14 @@ class AssetSampler:
     def __init__(self, asset: AssetConfig, tag_index: np.ndarray, latest: LatestValues, *, phase: int = 0) -> None:
         self.asset = asset.name
         self.tag_index = np.ascontiguousarray(tag_index, dtype=np.intp)
-        if self.tag_index.shape != (len(asset.tags),):
-            raise ValueError(
-                f"asset {asset.name}: tag_index needs {len(asset.tags)} entries, got {self.tag_index.shape}"
-            )
+        n = len(asset.channels)
+        if self.tag_index.shape != (n,):
+            raise ValueError(f"asset {asset.name}: tag_index needs {n} entries, got {self.tag_index.shape}")
         self.latest = latest
         self.hop = asset.window.hop
         self.max_gap_ns = int(round(asset.max_gap_s * 1e9))
         self.scaling = EngineeringScaling.from_tags(asset.tags)
-        self.ring = RingBuffer(asset.window.length, len(asset.tags))
-        n = len(asset.tags)
+        self.ring = RingBuffer(asset.window.length, n)
         self._last_good = np.full(n, np.nan, dtype=np.float64)
         self._last_good_ns = np.full(n, _NEVER, dtype=np.int64)
         # Samples left until the next window is due. `phase` delays the first window by up to hop-1

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.demo.run import free_port
 
-pytest_plugins = ["tests.fixtures_opcua", "tests.fixtures_mqtt"]
+pytest_plugins = ["tests.fixtures_opcua", "tests.fixtures_mqtt", "tests.fixtures_security"]
 
 
 @pytest.fixture

@@ -2,24 +2,32 @@
 
 Tests run their coroutine with asyncio.run(), so these are async context managers used inside that
 coroutine rather than pytest fixtures (a server must live on the loop of the test that uses it).
+`serving` runs one on a loop in a thread instead, for a command that calls asyncio.run itself, such
+as `edge-gateway browse` (run with `browse`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from asyncua import ua
 
+from gateway.browse_cli import add_browse_command
 from gateway.config import SourceConfig
 from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
 from tests.conftest import free_port, wait_for_condition
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -49,14 +57,16 @@ def source_config(endpoint: str, **overrides: Any) -> SourceConfig:
 
 @contextlib.asynccontextmanager
 async def running_source(
-    endpoint: str, node_ids: Sequence[str], latest: LatestValues | None = None, **cfg: Any
+    endpoint: str, node_ids: Sequence[str] | Sequence[SourceTag], latest: LatestValues | None = None, **cfg: Any
 ) -> AsyncIterator[OpcUaSource]:
     """A source (polling, or subscribing with mode="subscribe") for `node_ids`, rows 0..n-1 of `latest`
-    (its own table by default), running in a task that is cancelled on exit."""
-    tags = [SourceTag(i, nid) for i, nid in enumerate(node_ids)]
+    (its own table by default), running in a task that is cancelled on exit. SourceTags instead of
+    node ids choose the rows (and array lengths) themselves."""
+    tags = [nid if isinstance(nid, SourceTag) else SourceTag(i, nid) for i, nid in enumerate(node_ids)]
     config = source_config(endpoint, **cfg)
     kind = OpcUaSubscriptionSource if config.mode == "subscribe" else OpcUaPollSource
-    source = kind(config, tags, latest if latest is not None else LatestValues(len(node_ids)))
+    rows = max(t.index + t.width for t in tags)
+    source = kind(config, tags, latest if latest is not None else LatestValues(rows))
     task = asyncio.create_task(source.run())
     try:
         yield source
@@ -86,3 +96,50 @@ async def write_uncertain_and_await(sim: PlcSimulator, latest: LatestValues, nod
     await wait_for_condition(lambda: latest.value[row] == 1234.5)
     assert latest.status[row] == ua.StatusCodes.UncertainLastUsableValue
     assert latest.source_ts[row] == unix_ns(stamp)
+
+
+@contextlib.contextmanager
+def serving(serve: Callable[[], AbstractAsyncContextManager[T]], name: str) -> Iterator[T]:
+    """Run `serve()` on its own loop in a thread and yield what it yields, so a command can call asyncio.run."""
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main_() -> None:
+        stop = asyncio.Event()
+        state["loop"], state["stop"] = asyncio.get_running_loop(), stop
+        try:
+            async with serve() as value:
+                state["value"] = value
+                started.set()
+                await stop.wait()
+        finally:
+            started.set()
+
+    def main() -> None:
+        try:
+            asyncio.run(main_())
+        except BaseException as exc:  # handed to the test thread below
+            state["error"] = exc
+
+    thread = threading.Thread(target=main, name=name)
+    thread.start()
+    try:
+        assert started.wait(30), f"{name} did not start"
+        if "value" not in state:
+            thread.join(30)
+            raise AssertionError(f"{name} did not start: {state.get('error')!r}")
+        yield state["value"]
+    finally:
+        if "loop" in state:
+            with contextlib.suppress(RuntimeError):
+                state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+        assert "error" not in state, state.get("error")
+
+
+def browse(argv: list[str]) -> int:
+    """Parse `browse ...` with the command's own parser and run it."""
+    parser = argparse.ArgumentParser(prog="edge-gateway")
+    add_browse_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["browse", *argv])
+    return int(args.func(args))

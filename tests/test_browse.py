@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +15,15 @@ import pytest
 import yaml
 from asyncua import Client, Server, ua
 
-from gateway.browse import BrowseError, add_browse_command
+from gateway.browse import BrowseError
 from gateway.demo.run import demo_config, simulator_process, write_config
 from gateway.demo.signals import TAGS
 from gateway.errors import GatewayError
 from tests.conftest import free_port
+from tests.fixtures_opcua import browse, serving
 
 PUMPS = 4
-
-
-def browse(argv: list[str]) -> int:
-    """Parse `browse ...` with the command's own parser and run it."""
-    parser = argparse.ArgumentParser(prog="edge-gateway")
-    add_browse_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["browse", *argv])
-    return int(args.func(args))
+NAMESPACE = "urn:edge-gateway:test-browse"
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +34,16 @@ def plc() -> Iterator[str]:
         yield f"opc.tcp://127.0.0.1:{port}/"
 
 
-async def _build_device(port: int) -> Server:
+@contextlib.asynccontextmanager
+async def device_server(port: int) -> AsyncIterator[str]:
     """A server with one object `dev` holding variables of several types, one with EngineeringUnits."""
     server = Server()
     await server.init()
-    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")
+    endpoint = f"opc.tcp://127.0.0.1:{port}/"
+    server.set_endpoint(endpoint)
     server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
     server.set_identity_tokens([ua.AnonymousIdentityToken])
-    ns = await server.register_namespace("urn:edge-gateway:test-browse")
+    ns = await server.register_namespace(NAMESPACE)
     dev = await server.nodes.objects.add_object(ua.NodeId("dev", ns), ua.QualifiedName("dev", ns))
 
     async def var(name: str, value: Any) -> Any:
@@ -57,10 +51,22 @@ async def _build_device(port: int) -> Server:
 
     await var("label", ua.Variant("hello", ua.VariantType.String))
     await var("count", ua.Variant(7, ua.VariantType.Int32))
-    spectrum = await var("spectrum", ua.Variant([1.0, 2.0, 3.0], ua.VariantType.Double))
-    # add_variable leaves a list's rank open; a PLC declares a one-dimensional array of 3.
-    await spectrum.write_value_rank(ua.ValueRank.OneDimension)
-    await spectrum.write_array_dimensions([3])
+    # add_variable leaves a list's rank open; a PLC declares its arrays' ValueRank and ArrayDimensions.
+    for name, values, rank, dims in [
+        ("spectrum", [1.0, 2.0, 3.0], 1, [3]),
+        ("vibration", [0.0] * 16, 1, [16]),
+        ("buffer", [0.0] * 4, 1, None),  # one dimension, length not declared
+        ("history", [0.0] * 4, 1, [0]),  # one dimension of variable length
+        ("matrix", [0.0] * 4, 2, [2, 2]),
+        ("anyrank", [0.0] * 4, 0, None),  # one or more dimensions
+    ]:
+        array = await var(name, ua.Variant(values, ua.VariantType.Double))
+        await array.write_value_rank(rank)
+        if dims is not None:
+            await array.write_array_dimensions(dims)
+    names = await var("names", ua.Variant(["a", "b"], ua.VariantType.String))
+    await names.write_value_rank(1)
+    await names.write_array_dimensions([2])
     await var("running", ua.Variant(True, ua.VariantType.Boolean))
     await var("Motor Temp (°C)", ua.Variant(40.5, ua.VariantType.Double))
     # A browse name YAML would read as a boolean unless quoted.
@@ -70,45 +76,18 @@ async def _build_device(port: int) -> Server:
     eu.DisplayName = ua.LocalizedText("rpm")
     await speed.add_property(ua.NodeId("dev.speed.eu", ns), ua.QualifiedName("EngineeringUnits", 0), eu)
     await server.start()
-    return server
+    try:
+        yield endpoint
+    finally:
+        await server.stop()
 
 
 @pytest.fixture(scope="module")
 def device() -> Iterator[str]:
-    """The small server, run on its own loop in a thread so the command can call asyncio.run itself."""
+    """The small server, in a thread of its own."""
     port = free_port()
-    started = threading.Event()
-    state: dict[str, Any] = {}
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        state["loop"], state["stop"] = asyncio.get_running_loop(), stop
-        try:
-            server = await _build_device(port)
-        finally:
-            started.set()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    def main() -> None:
-        try:
-            asyncio.run(serve())
-        except BaseException as exc:  # handed to the test thread below
-            state["error"] = exc
-
-    thread = threading.Thread(target=main, name="test-browse-server")
-    thread.start()
-    try:
-        assert started.wait(30), "test server did not start"
-        assert "error" not in state, state.get("error")
-        yield f"opc.tcp://127.0.0.1:{port}/"
-    finally:
-        if "loop" in state:
-            with contextlib.suppress(RuntimeError):
-                state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+    with serving(lambda: device_server(port), "test-browse-server") as endpoint:
+        yield endpoint
 
 
 def test_tree_lists_pumps_and_their_double_tags(plc: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,7 +108,9 @@ def test_all_depth_and_root(plc: str, capsys: pytest.CaptureFixture[str]) -> Non
     lines = capsys.readouterr().out.splitlines()
     assert "  0:Server  Object  i=2253" in lines
     assert "  2:pump01  Object  ns=2;s=pump01" in lines
-    assert all(line.startswith(("0:", "  ")) and not line.startswith("   ") for line in lines), "one level only"
+    assert all(line.startswith(("0:", "  ")) and not line.startswith("   ") for line in lines), (
+        "one level only"
+    )
     browse([plc, "--root", "2:pump02"])
     by_path = capsys.readouterr().out
     browse([plc, "--root", "ns=2;s=pump02"])
@@ -138,13 +119,17 @@ def test_all_depth_and_root(plc: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(by_path.splitlines()) == 1 + len(TAGS)
 
 
-def _yaml_tags(endpoint: str, obj: str, capsys: pytest.CaptureFixture[str]) -> tuple[str, list[dict[str, Any]]]:
+def _yaml_tags(
+    endpoint: str, obj: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[str, list[dict[str, Any]]]:
     assert browse([endpoint, "--yaml", obj]) == 0
     out = capsys.readouterr().out
     return out, yaml.safe_load(out)["tags"]
 
 
-def test_yaml_node_ids_read_the_same_values_as_browse_paths(plc: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_yaml_node_ids_read_the_same_values_as_browse_paths(
+    plc: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, tags = _yaml_tags(plc, "2:pump01", capsys)
     assert [t["name"] for t in tags] == list(TAGS)
     assert all(t["unit"] == "" for t in tags)
@@ -153,7 +138,8 @@ def test_yaml_node_ids_read_the_same_values_as_browse_paths(plc: str, capsys: py
         async with Client(plc, timeout=4) as client:
             by_id = await client.read_values([client.get_node(t["node_id"]) for t in tags])
             by_path = [
-                await (await client.nodes.objects.get_child(["2:pump01", f"2:{tag}"])).read_value() for tag in TAGS
+                await (await client.nodes.objects.get_child(["2:pump01", f"2:{tag}"])).read_value()
+                for tag in TAGS
             ]
         return by_id, by_path
 
@@ -162,7 +148,9 @@ def test_yaml_node_ids_read_the_same_values_as_browse_paths(plc: str, capsys: py
     assert by_id == by_path
 
 
-def test_yaml_pasted_into_a_config_passes_check(plc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_yaml_pasted_into_a_config_passes_check(
+    plc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, tags = _yaml_tags(plc, "ns=2;s=pump01", capsys)
     cfg = demo_config(opc_port=free_port(), mqtt_port=free_port(), db_path=tmp_path / "gw.db", pumps=PUMPS)
     assert cfg["assets"][0]["name"] == "pump01"
@@ -183,14 +171,20 @@ def test_tree_shows_types_and_ranks(device: str, capsys: pytest.CaptureFixture[s
     assert "  2:label  Variable  ns=2;s=dev.label  String  scalar" in lines
     assert "  2:count  Variable  ns=2;s=dev.count  Int32  scalar" in lines
     assert "  2:spectrum  Variable  ns=2;s=dev.spectrum  Double  array[3]" in lines
+    assert "  2:vibration  Variable  ns=2;s=dev.vibration  Double  array[16]" in lines
+    assert "  2:matrix  Variable  ns=2;s=dev.matrix  Double  array[2x2]" in lines
     assert "  2:running  Variable  ns=2;s=dev.running  Boolean  scalar" in lines
     assert "    0:EngineeringUnits  Variable  ns=2;s=dev.speed.eu  EUInformation  scalar" in lines
 
 
-def test_yaml_keeps_numbers_and_comments_out_the_rest(device: str, capsys: pytest.CaptureFixture[str]) -> None:
-    out, tags = _yaml_tags(device, "dev", capsys)
+def test_yaml_keeps_numbers_and_comments_out_the_rest(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, tags = _yaml_tags(device, "2:dev", capsys)
     assert {t["name"]: t["node_id"] for t in tags} == {
         "count": "ns=2;s=dev.count",
+        "spectrum": "ns=2;s=dev.spectrum",
+        "vibration": "ns=2;s=dev.vibration",
         "running": "ns=2;s=dev.running",
         "Motor_Temp_C_": "ns=2;s=dev.Motor Temp (°C)",
         "true": "ns=2;s=dev.true",
@@ -198,9 +192,89 @@ def test_yaml_keeps_numbers_and_comments_out_the_rest(device: str, capsys: pytes
     }
     assert {t["name"]: t["unit"] for t in tags}["speed"] == "rpm"
     comments = [line for line in out.splitlines() if line.lstrip().startswith("# -")]
-    assert len(comments) == 2
-    assert any("ns=2;s=dev.label" in c and "String is not numeric" in c for c in comments)
-    assert any("ns=2;s=dev.spectrum" in c and "array[3], not a scalar" in c for c in comments)
+    reasons = {
+        "dev.label": "String is not numeric",
+        "dev.buffer": "Double array[?]: length unknown (no fixed ArrayDimensions)",
+        "dev.history": "Double array[?]: length unknown (no fixed ArrayDimensions)",
+        "dev.matrix": "Double array[2x2], not a scalar or a one-dimensional array",
+        "dev.anyrank": "Double array (one or more dims), not a scalar or a one-dimensional array",
+        "dev.names": "String is not numeric",
+    }
+    assert len(comments) == len(reasons)
+    for node, why in reasons.items():
+        assert any(f'"ns=2;s={node}"' in c and c.endswith(f"# left out: {why}") for c in comments), node
+
+
+def test_yaml_one_dimensional_arrays_get_their_length(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, tags = _yaml_tags(device, "2:dev", capsys)
+    (line,) = [line for line in out.splitlines() if '"ns=2;s=dev.vibration"' in line]
+    assert line == '  - {name: vibration, node_id: "ns=2;s=dev.vibration", unit: "", array_length: 16}'
+    lengths = {t["name"]: t.get("array_length") for t in tags}
+    assert (lengths["vibration"], lengths["spectrum"], lengths["count"]) == (16, 3, None)
+    assert out.splitlines()[0] == "# 2:dev (ns=2;s=dev): 7 of 13 variable(s) usable as tags"
+
+
+@pytest.mark.parametrize(
+    "root",
+    [
+        "2:dev",
+        "2:dev/",
+        "/Objects/2:dev",
+        "ns=2;s=dev",
+        f"nsu={NAMESPACE};s=dev",
+        f"{{{NAMESPACE}}}dev",
+        f"/Objects/{{{NAMESPACE}}}dev",
+    ],
+)
+def test_root_takes_every_config_node_form(
+    device: str, root: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert browse([device, "--root", "2:dev", "--depth", "1"]) == 0
+    expected = capsys.readouterr().out
+    assert expected.startswith("2:dev  Object  ns=2;s=dev\n")
+    assert browse([device, "--root", root, "--depth", "1"]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_root_paths_below_objects_and_objects_itself(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    browse([device, "--root", "2:dev/2:speed"])
+    assert capsys.readouterr().out.splitlines() == [
+        "2:speed  Variable  ns=2;s=dev.speed  Double  scalar",
+        "  0:EngineeringUnits  Variable  ns=2;s=dev.speed.eu  EUInformation  scalar",
+    ]
+    browse([device, "--depth", "1"])
+    objects = capsys.readouterr().out
+    assert objects.startswith("0:Objects  Object  i=85\n") and "\n  2:dev  Object  ns=2;s=dev\n" in objects
+    for root in ("/Objects", "/Objects/", "i=85"):
+        browse([device, "--root", root, "--depth", "1"])
+        assert capsys.readouterr().out == objects
+
+
+def test_unknown_namespace_and_bare_names_are_explained(device: str) -> None:
+    with pytest.raises(
+        BrowseError, match=r"unknown node 'nsu=urn:nosuch;s=dev': namespace 'urn:nosuch' not on"
+    ):
+        browse([device, "--root", "nsu=urn:nosuch;s=dev"])
+    with pytest.raises(
+        BrowseError, match=r"unknown browse path 'dev': .*BadNoMatch.* without 'N:' is in namespace 0"
+    ):
+        browse([device, "--yaml", "dev"])
+    with pytest.raises(BrowseError, match=r"unknown browse path '2:dev/2:nosuch': browse path not found"):
+        browse([device, "--root", "2:dev/2:nosuch"])
+
+
+def test_malformed_root_is_a_usage_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before connecting: nothing listens on this port.
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/"
+    assert browse([endpoint, "--root", "ns=2;x=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --root: must be a node id like 'ns=2;s=Pump01.Temp'")
+    assert browse([endpoint, "--yaml", "ns=2;b=not base64!"]) == 2
+    assert capsys.readouterr().err.startswith("error: --yaml: 'b=' needs base64 bytes")
+    assert browse([endpoint, "--root", "/Objects//x"]) == 2
+    assert "has an empty element" in capsys.readouterr().err
 
 
 def test_unknown_object_and_unreachable_endpoint_are_one_line_errors(device: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 from gateway.app import Gateway
@@ -70,3 +71,49 @@ def test_server_killed_and_restarted_raises_then_clears_comm_loss(tmp_path: Path
     assert down["sources"]["plc1"]["connected"] is False and down["sources"]["plc1"]["last_error"]
     assert up["sources"]["plc1"]["connected"] is True and up["sources"]["plc1"]["connects"] >= 2
     assert all(down["assets"][p]["skips"]["bad_quality"] > 0 for p in PUMPS)
+
+
+def test_source_scope_raises_one_alarm_for_the_plc_and_health_lines_say_why(tmp_path: Path, mosquitto, caplog) -> None:  # type: ignore[no-untyped-def]
+    opc_port = free_port()
+    raw = demo_config(opc_port=opc_port, mqtt_port=mosquitto.port, db_path=tmp_path / "gw.db", pumps=2)
+    raw["gateway"]["health_log_interval_s"] = 0.2
+    raw["sources"][0].update(
+        reconnect_min_s=0.2, reconnect_max_s=0.5, timeout_s=1.0, comm_loss={"delay_s": 1.0, "scope": "source"}
+    )
+    cfg = load_config(write_config(raw, tmp_path / "c.yaml"))
+    sim_options = {"port": opc_port, "n_pumps": 2, "fault_pump": None, "bad_tag": None, "nan_tag": None}
+    caplog.set_level(logging.INFO, logger="gateway.app")
+
+    def comm_loss(sub: Subscriber) -> list[tuple[str, dict]]:
+        return [(m.topic, a) for m in sub.messages if (a := json.loads(m.payload))["rule"] == "comm_loss"]
+
+    def health(text: str) -> bool:
+        return any(m.startswith(f"health source plc1: {text}") for m in caplog.messages)
+
+    async def scenario() -> list[tuple[str, dict]]:
+        with Subscriber(mosquitto.port, "edge/demo/+/alarm") as sub:
+            gateway = Gateway(cfg)
+            shutdown = asyncio.Event()
+            sim = PlcSimulator(**sim_options)
+            await sim.start()
+            task = asyncio.ensure_future(gateway.run(shutdown))
+            try:
+                await wait_for_condition(lambda: health("connected, ") or task.done(), 60, "a connected health line")
+                await sim.stop()
+                await wait_for_condition(lambda: len(comm_loss(sub)) == 1 or task.done(), 60, "comm_loss raised")
+                await wait_for_condition(lambda: health("DISCONNECTED (") or task.done(), 60, "a disconnected health line")
+                sim = PlcSimulator(**sim_options)
+                await sim.start()
+                await wait_for_condition(lambda: len(comm_loss(sub)) == 2 or task.done(), 60, "comm_loss cleared")
+            finally:
+                shutdown.set()
+                await task
+                await sim.stop()
+            return comm_loss(sub)
+
+    (raised_topic, raised), (cleared_topic, cleared) = asyncio.run(scenario())
+    # One alarm for the PLC, under its own name, not one per pump.
+    assert raised_topic == cleared_topic == "edge/demo/plc1/alarm"
+    assert raised["asset"] == "plc1" and raised["event"] == "raised" and cleared["event"] == "cleared"
+    assert cleared["alarm_id"] == raised["alarm_id"]
+    assert any(m.startswith("health pipeline: ") for m in caplog.messages)

@@ -148,3 +148,13 @@ def test_check_reports_a_corrupt_model(tmp_path: Path) -> None:
     result = run_check(write_config(cfg, tmp_path / "c.yaml"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
+
+
+def test_source_scope_comm_loss_must_not_share_a_name_with_an_asset(tmp_path: Path) -> None:
+    text = VALID.replace("name: pump01", "name: plc1").replace(
+        "endpoint: opc.tcp://127.0.0.1:4840/", "endpoint: opc.tcp://127.0.0.1:4840/\n    comm_loss: {scope: source}"
+    )
+    [msg] = problems(tmp_path, text)
+    assert ":4 sources[0].comm_loss.scope: scope source publishes under the source name" in msg
+    # Per asset (the default), the same names are fine.
+    assert load_config(write(tmp_path, VALID.replace("name: pump01", "name: plc1"))).assets[0].name == "plc1"

@@ -2,109 +2,38 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import socket
 import stat
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from asyncua import Server, ua
-from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.crypto.truststore import TrustStore
-from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
-from asyncua.server.user_managers import UserManager
+from asyncua import ua
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.certs import CERT_NAME, KEY_NAME, add_certs_command, create_certificate, thumbprint
+from gateway.certs import CERT_NAME, KEY_NAME, thumbprint
 from gateway.config import SourceSecurity, load_config
 from gateway.errors import ConfigError
 from gateway.latest import GOOD
 from gateway.sources.opcua import OpcUaPollSource
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_opcua import running_source
+from tests.fixtures_security import (
+    CLIENT_URI,
+    PASSWORD,
+    USER,
+    VALUE,
+    Certs,
+    certs_cli,
+    secure_server,
+    trusting,
+)
 
-CLIENT_URI = "urn:test:edge-gateway"
-SERVER_URI = "urn:test:plc"
-USER, PASSWORD = "gw", "s3cret"
-VALUE = 42.5
 POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
 MODES = ("Sign", "SignAndEncrypt")
-
-
-def certs_cli(argv: list[str]) -> int:
-    """Run `edge-gateway <argv>` through the subcommand as registered by add_certs_command."""
-    parser = argparse.ArgumentParser(prog="edge-gateway")
-    add_certs_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-@dataclass(frozen=True)
-class Certs:
-    client: Path
-    server: Path
-    other_server: Path
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    """RSA key generation is slow: one client and two server pairs for the whole module."""
-    root = tmp_path_factory.mktemp("certs")
-    args = ["certs", "create", "--out", str(root / "client"), "--application-uri", CLIENT_URI]
-    # asyncua warns on every connect when the client certificate lacks this machine's host name.
-    assert certs_cli([*args, "--hostname", "localhost", "--hostname", socket.gethostname()]) == 0
-    for name in ("server", "other_server"):
-        create_certificate(
-            root / name, SERVER_URI, ["localhost"], extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,)
-        )
-    return Certs(root / "client", root / "server", root / "other_server")
-
-
-class _Users(UserManager):
-    def get_user(
-        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
-    ) -> User | None:
-        return User(role=UserRole.User) if (username, password) == (USER, PASSWORD) else None
-
-
-@contextlib.asynccontextmanager
-async def secure_server(
-    cert_dir: Path,
-    policies: list[ua.SecurityPolicyType],
-    with_users: bool = False,
-    port: int | None = None,
-    trusted_clients: Path | None = None,
-) -> AsyncIterator[tuple[str, str]]:
-    """A started asyncua server (on a free port unless given) offering only `policies`; yields (endpoint, node id)."""
-    server = Server(user_manager=_Users() if with_users else None)
-    await server.init()
-    endpoint = f"opc.tcp://127.0.0.1:{port or free_port()}/"
-    server.set_endpoint(endpoint)
-    await server.set_application_uri(SERVER_URI)
-    await server.load_certificate(cert_dir / CERT_NAME)
-    await server.load_private_key(cert_dir / KEY_NAME)
-    server.set_security_policy(policies)
-    if with_users:
-        server.set_identity_tokens([ua.UserNameIdentityToken])
-    if trusted_clients is not None:
-        store = TrustStore([trusted_clients], [])
-        await store.load()
-        options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
-        server.set_certificate_validator(CertificateValidator(options, store))
-    ns = await server.register_namespace("urn:test")
-    var = await server.nodes.objects.add_variable(ua.NodeId("Temp", ns), "Temp", VALUE)
-    await server.start()
-    try:
-        yield endpoint, var.nodeid.to_string()
-    finally:
-        await server.stop()
 
 
 def running(endpoint: str, node_id: str, security: SourceSecurity):  # type: ignore[no-untyped-def]
@@ -119,13 +48,6 @@ def _security(certs: Certs, trust_dir: Path, **options: Any) -> SourceSecurity:
         trust_dir=trust_dir,
         **options,
     )
-
-
-def _trust(certs: Certs, tmp_path: Path) -> Path:
-    trust_dir = tmp_path / "trusted"
-    trust_dir.mkdir()
-    (trust_dir / "plc.der").write_bytes((certs.server / CERT_NAME).read_bytes())
-    return trust_dir
 
 
 async def _failure(source: OpcUaPollSource) -> str:
@@ -172,7 +94,7 @@ def test_each_policy_and_mode_reads_values(certs: Certs, tmp_path: Path, policy:
 
     async def main_() -> None:
         async with secure_server(certs.server, [offered]) as (endpoint, node):
-            security = _security(certs, _trust(certs, tmp_path), policy=policy, mode=mode)
+            security = _security(certs, trusting(tmp_path, certs.server), policy=policy, mode=mode)
             async with running(endpoint, node, security) as source:
                 assert await source.wait_connected(10), source.stats.last_error
                 assert source.latest.value[0] == VALUE
@@ -242,7 +164,7 @@ def test_wrong_password_is_reported_clearly(
 
     async def main_() -> None:
         async with secure_server(certs.server, [offered], with_users=True) as (endpoint, node):
-            trust_dir = _trust(certs, tmp_path)
+            trust_dir = trusting(tmp_path, certs.server)
             wrong = _security(
                 certs,
                 trust_dir,
@@ -277,7 +199,7 @@ def test_server_that_does_not_trust_the_gateway_says_so(certs: Certs, tmp_path: 
 
     async def main_() -> None:
         async with secure_server(certs.server, [offered], trusted_clients=clients) as (endpoint, node):
-            security = _security(certs, _trust(certs, tmp_path), policy="Basic256Sha256")
+            security = _security(certs, trusting(tmp_path, certs.server), policy="Basic256Sha256")
             async with running(endpoint, node, security) as source:
                 error = await _failure(source)
         assert "refused the gateway: it does not trust the gateway's certificate" in error
@@ -290,7 +212,7 @@ def test_server_without_the_policy_names_what_it_offers(certs: Certs, tmp_path: 
 
     async def main_() -> None:
         async with secure_server(certs.server, [offered]) as (endpoint, node):
-            security = _security(certs, _trust(certs, tmp_path), policy="Aes128_Sha256_RsaOaep")
+            security = _security(certs, trusting(tmp_path, certs.server), policy="Aes128_Sha256_RsaOaep")
             async with running(endpoint, node, security) as source:
                 error = await _failure(source)
         assert "does not offer security Aes128_Sha256_RsaOaep/SignAndEncrypt" in error
@@ -304,7 +226,7 @@ def test_anonymous_login_refused_when_server_wants_a_user(certs: Certs, tmp_path
 
     async def main_() -> None:
         async with secure_server(certs.server, [offered], with_users=True) as (endpoint, node):
-            security = _security(certs, _trust(certs, tmp_path), policy="Basic256Sha256")
+            security = _security(certs, trusting(tmp_path, certs.server), policy="Basic256Sha256")
             async with running(endpoint, node, security) as source:
                 error = await _failure(source)
         assert "does not accept this kind of login (BadIdentityTokenRejected)" in error

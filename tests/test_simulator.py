@@ -18,9 +18,10 @@ from tests.fixtures_opcua import running_simulator
 QUIET = {"fault_pump": None, "bad_tag": None, "nan_tag": None}
 
 
-def test_address_space_layout_and_client_read() -> None:
+@pytest.mark.parametrize("fast_read", [False, True])
+def test_address_space_layout_and_client_read(fast_read: bool) -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=3, rate_hz=20, **QUIET) as sim:
+        async with running_simulator(n_pumps=3, rate_hz=20, fast_read=fast_read, **QUIET) as sim:
             assert sim.namespace_index == 2
             assert sim.node_id(1, "vibration_x") == "ns=2;s=pump01.vibration_x"
             assert sim.pumps == ["pump01", "pump02", "pump03"]
@@ -36,6 +37,7 @@ def test_address_space_layout_and_client_read() -> None:
                 await wait_for_condition(lambda: sim.stats.updates > updates + 1)
                 second = await node.read_data_value()
             assert first.StatusCode.is_good() and second.StatusCode.is_good()
+            assert second.SourceTimestamp == second.ServerTimestamp
             assert first.Value.VariantType == ua.VariantType.Double
             assert second.SourceTimestamp > first.SourceTimestamp
             assert second.Value.Value != first.Value.Value
@@ -59,9 +61,11 @@ def test_scheduled_fault_raises_vibration_of_the_faulty_pump() -> None:
     asyncio.run(main())
 
 
-def test_bad_and_nan_windows() -> None:
+@pytest.mark.parametrize("fast_read", [False, True])
+def test_bad_and_nan_windows(fast_read: bool) -> None:
     async def main() -> None:
         options = {
+            "fast_read": fast_read,
             "fault_pump": None,
             "bad_tag": (1, "pressure"),
             "bad_between_s": (0.3, 0.8),
@@ -97,14 +101,15 @@ def test_invalid_schedule_is_rejected() -> None:
         PlcSimulator(port=1, n_pumps=4, bad_tag=(1, "rpm"))
 
 
-def test_cli_prints_ready_and_exits_cleanly_on_sigterm() -> None:
+@pytest.mark.parametrize("extra", [[], ["--fast-read"]])
+def test_cli_prints_ready_and_exits_cleanly_on_sigterm(extra: list[str]) -> None:
     async def main() -> None:
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "gateway.demo.simulator",
-            *("--port", str(port), "--pumps", "2", "--rate", "20", "--no-fault"),
+            *("--port", str(port), "--pumps", "2", "--rate", "20", "--no-fault", *extra),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )

@@ -55,9 +55,9 @@ def edge_values(vt: VT) -> list[Any]:
     return [1.5, -0.0, math.nan, math.inf, -math.inf, big]
 
 
-def both_ways(data: Any, n: int) -> tuple[bool, ReadDecoder, ReadDecoder]:
+def both_ways(data: Any, n: int, lengths: Sequence[int] | None = None) -> tuple[bool, ReadDecoder, ReadDecoder]:
     """Decode one response body with the fast decoder and with asyncua's; (fast path used, fast, generic)."""
-    fast, generic = ReadDecoder(n), ReadDecoder(n)
+    fast, generic = ReadDecoder(n, lengths=lengths), ReadDecoder(n, lengths=lengths)
     used_fast = fast.decode(data)
     generic.decode_generic(data)
     return used_fast, fast, generic
@@ -112,7 +112,12 @@ async def typed_server(
                     dv = ua.DataValue(ua.Variant(x, vt), ua.StatusCode(status), SourceTimestamp=stamp)
                     await server.write_attribute_value(var.nodeid, dv)
                     nodes[name] = var.nodeid
-    for name, x, vt in (("text", "hello", VT.String), ("array", [1.0, 2.0], VT.Double)):
+    for name, x, vt in (
+        ("text", "hello", VT.String),
+        ("array", [1.0, 2.0], VT.Double),
+        ("int_array", [-3, 7, 300], VT.Int16),
+        ("bool_array", [True, False, True], VT.Boolean),
+    ):
         nodes[name] = (await objects.add_variable(ua.NodeId(name, ns), name, x, varianttype=vt)).nodeid
     nodes["missing"] = ua.NodeId("missing", ns)
     async with server:
@@ -186,7 +191,8 @@ def test_unsupported_entries_fall_back_and_odd_entries_stay_fast() -> None:
             cases = [
                 ([*some, nodes["missing"]], True),
                 ([*some, nodes["text"]], False),
-                ([nodes["array"], *some], False),
+                # An array where a scalar is configured is a type mismatch, found on the fast path.
+                ([nodes["array"], *some], True),
                 ([*some, nodes["text"], nodes["missing"], nodes["array"]], False),
             ]
             for node_ids, expect_fast in cases:
@@ -199,6 +205,68 @@ def test_unsupported_entries_fall_back_and_odd_entries_stay_fast() -> None:
             assert fast.status[4] == ua.StatusCodes.BadNodeIdUnknown and math.isnan(fast.value[4])
 
     asyncio.run(main())
+
+
+def test_arrays_fill_consecutive_slots_on_both_paths() -> None:
+    async def main() -> None:
+        async with typed_server() as (url, server, nodes), connected(url) as client:
+            node_ids = [nodes["Double.0.0.ts"], nodes["array"], nodes["int_array"], nodes["bool_array"]]
+            data = await EncodedRead(read_params(node_ids)).send(client.uaclient)
+            used_fast, fast, generic = both_ways(data, 4, lengths=[0, 2, 3, 3])
+            assert used_fast
+            assert_same(fast, generic)
+            assert fast.value.tolist() == [1.5, 1.0, 2.0, -3.0, 7.0, 300.0, 1.0, 0.0, 1.0]
+            assert (fast.status == 0).all()
+            # Every element carries its array's source timestamp.
+            assert len(set(fast.source_ts[1:3].tolist())) == 1 and fast.source_ts[1] > 0
+            # A length other than the configured one, or a scalar where an array is configured: all
+            # of the node's slots are NaN with BadTypeMismatch, never a partial or padded array.
+            used_fast, fast, generic = both_ways(data, 4, lengths=[2, 3, 3, 3])
+            assert used_fast
+            assert_same(fast, generic)
+            assert (fast.status[:5] == ua.StatusCodes.BadTypeMismatch).all() and np.isnan(fast.value[:5]).all()
+            assert fast.value[5:].tolist() == [-3.0, 7.0, 300.0, 1.0, 0.0, 1.0]
+
+    asyncio.run(main())
+
+
+_ARRAY_TYPES = [VT.Boolean, VT.Byte, VT.Int16, VT.UInt32, VT.Int64, VT.Float, VT.Double]
+_CODES = {VT.Boolean: "B", VT.Byte: "B", VT.Int16: "h", VT.UInt32: "I", VT.Int64: "q", VT.Float: "f", VT.Double: "d"}
+
+
+@st.composite
+def array_or_scalar_entries(draw: st.DrawFn) -> tuple[list[bytes], list[int]]:
+    """DataValue bytes of scalars and 1-D arrays (any length, -1 for null), and configured lengths."""
+    entries, lengths = [], []
+    for _ in range(draw(st.integers(1, 8))):
+        vt = draw(st.sampled_from(_ARRAY_TYPES))
+        code = _CODES[vt]
+        element = st.integers(0, 1 if vt == VT.Boolean else 100) if code in "BI" else st.integers(-100, 100)
+        status = draw(st.sampled_from([None, BAD, UNCERTAIN]))
+        mask = 0x01 | (0x02 if status is not None else 0) | 0x04
+        stamp = struct.pack("<q", 10 * draw(st.integers(0, 10**12)))
+        tail = (struct.pack("<I", status) if status is not None else b"") + stamp
+        if draw(st.booleans()):
+            items = draw(st.lists(element, max_size=6))
+            count = -1 if not items and draw(st.booleans()) else len(items)
+            value = struct.pack(f"<BBi{len(items)}{code}", mask, int(vt) | 0x80, count, *items)
+            natural = len(items)
+        else:
+            value = struct.pack(f"<BB{code}", mask, int(vt), draw(element))
+            natural = 0
+        entries.append(value + tail)
+        # Mostly the shape the server sends, sometimes another one.
+        lengths.append(natural if draw(st.integers(0, 3)) else draw(st.integers(0, 6)))
+    return entries, lengths
+
+
+@given(array_or_scalar_entries())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_mix_of_arrays_and_scalars_decodes_as_asyncua_does(case: tuple[list[bytes], list[int]]) -> None:
+    entries, lengths = case
+    used_fast, fast, generic = both_ways(hand_built(entries), len(entries), lengths)
+    assert used_fast
+    assert_same(fast, generic)
 
 
 def test_layout_is_reused_until_it_changes() -> None:
@@ -416,9 +484,8 @@ def test_random_homogeneous_responses(results: list[ua.DataValue]) -> None:
 @given(mixed())
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_mixed_responses(results: list[ua.DataValue]) -> None:
-    unsupported = any(
-        dv.Value is not None and (dv.Value.is_array or dv.Value.VariantType == VT.String) for dv in results
-    )
+    # Strings take asyncua's decoder; arrays (of Doubles here) stay fast as type mismatches.
+    unsupported = any(dv.Value is not None and dv.Value.VariantType == VT.String for dv in results)
     used_fast, fast, generic = both_ways(response_bytes(results), len(results))
     assert used_fast is not unsupported
     assert_same(fast, generic)

@@ -108,6 +108,8 @@ def simulator_process(
             raise GatewayError(f"simulated PLC did not start (exit code {proc.poll()}): {line.strip()}")
         yield proc
     finally:
+        # A stopped process (SIGSTOP, as a frozen-PLC test does) acts on SIGTERM only once continued.
+        proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=10)

@@ -5,6 +5,11 @@ addressed by string node ids `ns=2;s=pumpNN.<tag>` in the namespace `urn:edge-ga
 A schedule injects a bearing fault, a window of BadSensorFailure and a window of NaN values so the
 gateway's handling of each can be demonstrated and tested.
 
+With fast_read (`--fast-read`, what the benchmark runs) the values live in NumPy arrays
+(fastread.ArrayVariables): the Read a poller repeats every tick is answered from them, and every other
+request reads the same latest values through asyncua, so the simulator, not asyncua's per-value Read
+handling, is what it costs.
+
 Run it as its own process: `python -m gateway.demo.simulator --port 4840 --pumps 4`.
 """
 
@@ -27,6 +32,7 @@ import numpy as np
 from asyncua import Server, ua
 from asyncua.server.address_space import AttributeValue
 
+from gateway.demo.fastread import ArrayVariables
 from gateway.demo.signals import TAGS, PumpFleet
 
 logger = logging.getLogger(__name__)
@@ -81,6 +87,7 @@ class PlcSimulator:
         bad_between_s: tuple[float, float] = (8.0, 14.0),
         nan_tag: tuple[int, str] | None = (4, "flow"),
         nan_between_s: tuple[float, float] = (16.0, 19.0),
+        fast_read: bool = False,
     ) -> None:
         if n_pumps < 1:
             raise ValueError(f"n_pumps must be >= 1, got {n_pumps}")
@@ -99,6 +106,10 @@ class PlcSimulator:
         self._bad_flat = self._flat_index(bad_tag, "bad_tag")
         self._nan_flat = self._flat_index(nan_tag, "nan_tag")
         self.fleet = PumpFleet(n_pumps, seed)
+        self.fast_read = fast_read
+        # With fast_read: the values every Read returns, and a status code per variable.
+        self.variables: ArrayVariables | None = None
+        self._status = np.zeros(n_pumps * _N_TAGS, dtype=np.uint32)
         self.stats = SimulatorStats()
         self.namespace_index = 2
         self.server: Server | None = None
@@ -139,7 +150,10 @@ class PlcSimulator:
         """The DataValue a client Read of this 1-based pump's tag gets right now."""
         if self.server is None:
             raise RuntimeError("simulator is not running")
-        value = self._attrs[(pump - 1) * _N_TAGS + TAGS.index(tag)].value
+        row = (pump - 1) * _N_TAGS + TAGS.index(tag)
+        if self.variables is not None:
+            return self.variables.data_value(row)
+        value = self._attrs[row].value
         assert value is not None, "every variable is written in start()"
         return value
 
@@ -172,11 +186,14 @@ class PlcSimulator:
         aspace = server.iserver.aspace
         self._node_ids = node_ids
         self._attrs = [aspace[nid].attributes[ua.AttributeIds.Value] for nid in node_ids]
+        if self.fast_read:
+            self.variables = ArrayVariables(server, node_ids)
         self.server = server
         try:
             await server.start()
         except BaseException:
             self.server = None
+            self._close_variables()
             raise
         self._t0 = time.monotonic()
         await self._write(self.fleet.step(1.0 / self.rate_hz), 0.0)
@@ -229,6 +246,12 @@ class PlcSimulator:
         server, self.server = self.server, None
         if server is not None:
             await server.stop()
+        self._close_variables()
+
+    def _close_variables(self) -> None:
+        variables, self.variables = self.variables, None
+        if variables is not None:
+            variables.close()
 
     async def __aenter__(self) -> PlcSimulator:
         await self.start()
@@ -264,6 +287,22 @@ class PlcSimulator:
             self.stats.busy_s += time.perf_counter() - began
 
     async def _write(self, values: np.ndarray, t: float) -> None:
+        """Publish one tick's values, with the schedule's NaN and Bad windows applied, stamped now."""
+        flat = values.ravel()
+        if self._nan_flat is not None and self.nan_between_s[0] <= t < self.nan_between_s[1]:
+            flat[self._nan_flat] = math.nan
+        bad = self._bad_flat is not None and self.bad_between_s[0] <= t < self.bad_between_s[1]
+        now = cast(ua.DateTime, datetime.now(timezone.utc))
+        if self.variables is not None:
+            if self._bad_flat is not None:
+                self._status[self._bad_flat] = _BAD_SENSOR.value if bad else _GOOD.value
+            await self.variables.update(flat, self._status, now)
+        else:
+            await self._store(flat, bad, now)
+        self.stats.updates += 1
+        self.stats.sim_time_s = t
+
+    async def _store(self, flat: np.ndarray, bad: bool, now: ua.DateTime) -> None:
         """Store one DataValue per variable straight into the address space.
 
         A Read returns the stored DataValue as is. Variables with monitored items (subscriptions)
@@ -271,21 +310,16 @@ class PlcSimulator:
         """
         server = self.server
         assert server is not None, "written only while running"
-        flat = values.ravel()
-        if self._nan_flat is not None and self.nan_between_s[0] <= t < self.nan_between_s[1]:
-            flat[self._nan_flat] = math.nan
-        now = cast(ua.DateTime, datetime.now(timezone.utc))
         DataValue, Variant = ua.DataValue, ua.Variant
         dvs = [DataValue(Variant(x, _DOUBLE), _GOOD, now, now) for x in flat.tolist()]
-        if self._bad_flat is not None and self.bad_between_s[0] <= t < self.bad_between_s[1]:
+        if bad:
+            assert self._bad_flat is not None
             dvs[self._bad_flat] = DataValue(_NULL, _BAD_SENSOR, now, now)
         for node_id, attr, dv in zip(self._node_ids, self._attrs, dvs, strict=True):
             if attr.datachange_callbacks:
                 await server.write_attribute_value(node_id, dv)
             else:
                 attr.value = dv
-        self.stats.updates += 1
-        self.stats.sim_time_s = t
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -304,6 +338,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fault-at", type=float, default=20.0, help="seconds after start the fault begins")
     parser.add_argument(
         "--no-bad-data", action="store_true", help="no Bad-status sensor (pump03) and no NaN sensor (pump04)"
+    )
+    parser.add_argument(
+        "--fast-read",
+        action="store_true",
+        help="answer the Read a poller repeats from NumPy arrays, not value by value (for benchmarks)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -346,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             # The default bad and NaN windows need pumps 3 and 4; smaller plants go without.
             bad_tag=(3, "pressure") if args.pumps >= 3 and not args.no_bad_data else None,
             nan_tag=(4, "flow") if args.pumps >= 4 and not args.no_bad_data else None,
+            fast_read=args.fast_read,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -415,12 +415,12 @@ async def drain_once(store: Store, publisher: MqttPublisher, batch: int = 100) -
         if not messages:
             return
         acked: list[str] = []
-        for m in messages:
-            try:
+        try:
+            for m in messages:
                 await publisher.publish(m.topic, m.payload, qos=m.qos)
-            except PublishError:
-                if acked:
-                    await store.mark_published(acked)
-                raise
-            acked.append(m.event_id)
-        await store.mark_published(acked)
+                acked.append(m.event_id)
+        finally:
+            # Also on a failed publish and when cancelled mid-batch (shutdown): what the broker has
+            # acknowledged is marked, so the final drain at stop does not send it a second time.
+            if acked:
+                await store.mark_published(acked)

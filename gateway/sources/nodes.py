@@ -19,9 +19,9 @@ from base64 import b64decode
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from asyncua import Client, ua
+from asyncua import Client, Node, ua
+from asyncua.common.ua_utils import get_base_data_type
 
-from gateway.browse import AddressSpace
 from gateway.latest import BAD_TYPE_MISMATCH
 
 _NODE_ID = re.compile(r"^(?:ns=(\d+);|nsu=([^;]+);)?([isgb])=(.+)$", re.DOTALL)
@@ -39,6 +39,7 @@ _ABSTRACT_NUMBERS = frozenset({26, 27, 28})
 _ENUMERATION = 29
 _FIRST_NON_BUILTIN = 30
 ANY_NUMERIC = 0
+_ONE_DIMENSION_RANKS = frozenset({1, 0, -2, -3})
 
 SYNTAX_HELP = (
     "must be a node id like 'ns=2;s=Pump01.Temp', 'ns=2;i=1001', 'ns=2;g=<guid>', 'ns=2;b=<base64>', "
@@ -101,8 +102,32 @@ class Resolved:
     problem: str | None = None
 
 
-async def resolve(client: Client, refs: Sequence[NodeRef], max_per_read: int) -> list[Resolved]:
-    """Map URIs to indexes, translate browse paths, and check each node is a numeric or boolean scalar."""
+async def resolve(
+    client: Client, refs: Sequence[NodeRef], max_per_read: int, arrays: Sequence[bool] | None = None
+) -> list[Resolved]:
+    """Locate every ref (locate_nodes), then check each node is a numeric or boolean scalar.
+
+    With `arrays`, the refs where it is True must instead be one-dimensional numeric or boolean arrays.
+    """
+    out = await locate_nodes(client, refs)
+    found = [i for i, r in enumerate(out) if r.node_id is not None]
+    checked = await _check_types(
+        client,
+        [n for r in out if (n := r.node_id) is not None],
+        max_per_read,
+        [bool(arrays and arrays[i]) for i in found],
+    )
+    for i, result in zip(found, checked, strict=True):
+        out[i] = result
+    return out
+
+
+async def locate_nodes(client: Client, refs: Sequence[NodeRef]) -> list[Resolved]:
+    """The node id of every ref on the server now connected: URIs mapped to indexes, browse paths translated.
+
+    The nodes are not checked to exist or to be variables; a ref that cannot be located comes back
+    without node_id and with `problem` (status BadNodeIdUnknown when a namespace URI is not on the server).
+    """
     uris = {r.uri for r in refs if r.uri} | {ns for r in refs for ns, _ in r.path if isinstance(ns, str)}
     index = await _namespace_indexes(client) if uris else {}
     out: list[Resolved | None] = [None] * len(refs)
@@ -125,10 +150,6 @@ async def resolve(client: Client, refs: Sequence[NodeRef], max_per_read: int) ->
         else:
             out[i] = Resolved(ref.node_id)
     for i, result in zip(paths, await _translate(client, [refs[i].path for i in paths], index), strict=True):
-        out[i] = result
-    found = [i for i, r in enumerate(out) if r is not None and r.problem is None]
-    checked = await _check_types(client, [out[i].node_id for i in found], max_per_read)  # type: ignore[union-attr]
-    for i, result in zip(found, checked, strict=True):
         out[i] = result
     return out  # type: ignore[return-value]
 
@@ -189,8 +210,10 @@ async def _translate(
     return out
 
 
-async def _check_types(client: Client, nodes: Sequence[ua.NodeId], max_per_read: int) -> list[Resolved]:
-    """Read DataType and ValueRank of every node (batched), and keep the numeric or boolean scalars."""
+async def _check_types(
+    client: Client, nodes: Sequence[ua.NodeId], max_per_read: int, arrays: Sequence[bool]
+) -> list[Resolved]:
+    """Read DataType and ValueRank of every node (batched): keep numeric or boolean scalars, or arrays where asked."""
     attrs = (ua.AttributeIds.DataType, ua.AttributeIds.ValueRank)
     step = max(1, max_per_read // len(attrs))
     rows: list[ua.DataValue] = []
@@ -201,7 +224,9 @@ async def _check_types(client: Client, nodes: Sequence[ua.NodeId], max_per_read:
             ]
         )
         rows += await client.uaclient.read(params)
-    space = AddressSpace(client)
+    types = {d.Value.Value for d in rows[::2] if d.StatusCode.is_good()}
+    # One lookup per distinct data type: a plant's tags share a handful.
+    bases = {t: await base_type(client, t) for t in types}
     out: list[Resolved] = []
     for k, node in enumerate(nodes):
         dtype, rank = rows[2 * k], rows[2 * k + 1]
@@ -212,14 +237,17 @@ async def _check_types(client: Client, nodes: Sequence[ua.NodeId], max_per_read:
             continue
         data_type: ua.NodeId = dtype.Value.Value
         value_rank = rank.Value.Value if rank.StatusCode.is_good() else -1
-        base = await _base_type(space, data_type)
+        base = bases[data_type]
         name = (
             ua.ObjectIdNames.get(data_type.Identifier, data_type.to_string())
             if data_type.NamespaceIndex == 0
             else data_type.to_string()
         )
-        if value_rank is not None and value_rank >= 0:
-            problem = f"{name} array, not a scalar"
+        # ValueRank: -1 scalar, -2 any, -3 scalar or 1-D, 0 one or more dimensions, n >= 1 n dimensions.
+        if arrays[k] and value_rank not in _ONE_DIMENSION_RANKS:
+            problem = f"{name} with ValueRank {value_rank}, not a one-dimensional array"
+        elif not arrays[k] and value_rank is not None and value_rank >= 0:
+            problem = f"{name} array, not a scalar (set array_length for a one-dimensional array)"
         elif base == _ENUMERATION:
             problem = f"{name} is an enumeration"
         elif base in _SCALAR_TYPES:
@@ -234,12 +262,19 @@ async def _check_types(client: Client, nodes: Sequence[ua.NodeId], max_per_read:
     return out
 
 
-async def _base_type(space: AddressSpace, data_type: ua.NodeId) -> int | None:
-    """The built-in type a data type derives from; the built-ins themselves need no request."""
+async def base_type(client: Client, data_type: ua.NodeId) -> int | None:
+    """Identifier of the built-in type (ns=0, i<30) a data type derives from; None if there is none.
+
+    The built-ins themselves need no request.
+    """
     if (
         data_type.NamespaceIndex == 0
         and isinstance(data_type.Identifier, int)
         and data_type.Identifier < _FIRST_NON_BUILTIN
     ):
         return data_type.Identifier
-    return await space.base_type(data_type)
+    try:
+        base = await get_base_data_type(Node(client.uaclient, data_type))
+    except ua.UaError:
+        return None
+    return int(base.nodeid.Identifier)

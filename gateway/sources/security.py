@@ -4,7 +4,8 @@ asyncua trusts whatever certificate the server's endpoint list carries. Here the
 pinned instead: it must be a file in the source's trust_dir (or is saved there on first use when the
 config says so), and an unknown one is copied to trust_dir/rejected/ for an engineer to move, as most
 OPC-UA stacks do. Errors become one human line each, since the source's reconnect loop logs every new
-reason once and shows it in the health output.
+reason once and shows it in the health output. new_client holds the session settings every gateway
+client shares, so `edge-gateway browse` opens a session exactly as a source does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
 }
 _CERT_SUFFIXES = {".der", ".pem", ".crt", ".cer"}
+_SESSION_TIMEOUT_MS = 60_000
 
 # Status codes a server answers with when it refuses the gateway, and what they mean for an engineer.
 _REFUSALS: dict[int, str] = {
@@ -63,8 +65,24 @@ class _ClientIdentity:
     application_uri: str
 
 
+def new_client(cfg: SourceConfig) -> Client:
+    """A fresh, unconnected client for the source's endpoint with the gateway's session settings."""
+    # The watchdog reads the server state every timeout_s s and gives it timeout_s s to answer:
+    # asyncua's default (1 s) would reconnect a slow PLC on a congested link over and over.
+    # The library's auto-reconnect would race the source's own reconnect loop.
+    client = Client(
+        cfg.endpoint,
+        timeout=cfg.timeout_s,
+        auto_reconnect=False,
+        watchdog_intervall=cfg.timeout_s,
+    )
+    # asyncua asks for an hour and warns when servers grant less; the watchdog keeps a minute alive.
+    client.session_timeout = _SESSION_TIMEOUT_MS
+    return client
+
+
 async def configure_client(client: Client, cfg: SourceConfig) -> None:
-    """Apply the source's security section to a fresh client: call after Client(...) and before connect()."""
+    """Apply the source's security section to a fresh client: call after new_client() and before connect()."""
     sec = cfg.security
     if sec is None:
         return

@@ -29,7 +29,7 @@ from asyncua import Client, ua
 from gateway.config import SourceConfig
 from gateway.errors import SourceError
 from gateway.latest import LatestValues
-from gateway.sources.opcua import OpcUaSource, SourceTag, read_operation_limit
+from gateway.sources.opcua import HealthStats, OpcUaSource, SourceTag, read_operation_limit
 from gateway.sources.uabinary import datavalues_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -40,30 +40,29 @@ _KEEPALIVE_S = 2.0
 
 
 @dataclass
-class SubscriptionStats:
-    """Health counters of one subscription source, read by status reporting and tests."""
+class SubscriptionStats(HealthStats):
+    """Counters of one subscription source, read by status reporting and tests."""
 
-    connected: bool = False
-    connects: int = 0
-    connect_errors: int = 0
     # Failures after the connect: creating the subscription, a lost link, a silent subscription.
     session_errors: int = 0
     # CreateMonitoredItems calls per session: the tag count over the server's MaxMonitoredItemsPerCall.
     create_calls: int = 0
     # Monitored items the server refused at the last (re)subscribe; those tags stay Bad.
     refused_items: int = 0
-    # Publish responses that carried data, and the item values they carried.
+    # Publish responses that carried data.
     notifications: int = 0
-    values: int = 0
-    last_error: str | None = None
 
 
 class OpcUaSubscriptionSource(OpcUaSource):
     """Subscribes to all tags of one OPC-UA server; each publish response is one LatestValues write."""
 
+    stats: SubscriptionStats
+
     def __init__(self, cfg: SourceConfig, tags: Sequence[SourceTag], latest: LatestValues) -> None:
         super().__init__(cfg, tags, latest)
         self.stats = SubscriptionStats()
+        # Per tag, the Variant type its values must arrive as (see nodes.Resolved), set at each subscribe.
+        self._types = [0] * len(tags)
         self._filter: ua.DataChangeFilter | None = None
         if cfg.deadband is not None:
             # The default DataChangeFilter triggers on Status only; values must count too.
@@ -87,7 +86,7 @@ class OpcUaSubscriptionSource(OpcUaSource):
                     raise lost.result()
                 quiet = time.monotonic() - self._last_publish
                 if quiet > silence_s:
-                    raise SourceError(f"source {self.name}: no publish response for {quiet:.1f} s")
+                    raise SourceError(f"no publish response for {quiet:.1f} s")
         finally:
             self._lost = None
 
@@ -99,6 +98,7 @@ class OpcUaSubscriptionSource(OpcUaSource):
         cfg = self.cfg
         # Ids by URI or browse path are known only now; unresolved tags already carry their status.
         resolved, _ = await self._resolve_tags(client)
+        self._types = [r.variant_type for r in resolved]
         positions = [i for i, r in enumerate(resolved) if r.problem is None and r.node_id is not None]
         period = float(cfg.publishing_interval_ms)
         keepalive = max(1, math.ceil(_KEEPALIVE_S * 1000.0 / period))
@@ -128,7 +128,7 @@ class OpcUaSubscriptionSource(OpcUaSource):
             )
         if len(results) != len(requests):
             raise SourceError(
-                f"source {self.name}: {len(results)} results for {len(requests)} monitored items"
+                f"{len(results)} results for {len(requests)} monitored items"
             )
         self.stats.create_calls = math.ceil(len(requests) / size)
         refused = self._store_refused(positions, results)
@@ -170,11 +170,7 @@ class OpcUaSubscriptionSource(OpcUaSource):
         ]
         self.stats.refused_items = len(refused)
         if refused:
-            rows = np.array([pos for pos, _ in refused], dtype=np.intp)
-            codes = np.array([code for _, code in refused], dtype=np.uint32)
-            nan, zero = np.full(len(rows), np.nan), np.zeros(len(rows), dtype=np.int64)
-            self.latest.write(self._idx[rows], nan, codes, zero, time.monotonic_ns())
-            self.updated.notify()
+            self._store_status([pos for pos, _ in refused], [code for _, code in refused])
             self._report_tags([(pos, ua.StatusCode(ua.UInt32(code)).name) for pos, code in refused])
         return len(refused)
 
@@ -194,7 +190,7 @@ class OpcUaSubscriptionSource(OpcUaSource):
                 lost = self._lost
                 if lost is not None and not lost.done():
                     status = notification.Status
-                    lost.set_result(SourceError(f"source {self.name}: subscription ended: {status.name}"))
+                    lost.set_result(SourceError(f"subscription ended: {status.name}"))
         if items:
             self._store(items)
 
@@ -202,20 +198,27 @@ class OpcUaSubscriptionSource(OpcUaSource):
         """Convert every item value of one publish response and store them with one write."""
         n = len(items)
         handles = np.fromiter((item.ClientHandle for item in items), dtype=np.intp, count=n)
-        value = np.empty(n)
-        status = np.empty(n, dtype=np.uint32)
-        source_ts = np.empty(n, dtype=np.int64)
-        datavalues_to_arrays([item.Value for item in items], value, status, source_ts)
         if n > 1:
             # With queue_size > 1 an item can report several values in one response, oldest first:
             # keep the newest of each, since NumPy leaves the winner of repeated indices unspecified.
             _, last = np.unique(handles[::-1], return_index=True)
             if len(last) < n:
-                keep = n - 1 - last
-                handles, value, status, source_ts = handles[keep], value[keep], status[keep], source_ts[keep]
-        self.latest.write(self._idx[handles], value, status, source_ts, time.monotonic_ns())
-        self.updated.notify()
+                keep = np.sort(n - 1 - last)
+                handles, items = handles[keep], [items[k] for k in keep.tolist()]
+        positions = handles.tolist()
+        rows = self.rows_of(handles)
+        value = np.empty(len(rows))
+        status = np.empty(len(rows), dtype=np.uint32)
+        source_ts = np.empty(len(rows), dtype=np.int64)
+        datavalues_to_arrays(
+            [item.Value for item in items],
+            value,
+            status,
+            source_ts,
+            expected=[self._types[p] for p in positions],
+            lengths=[self._lengths[p] for p in positions],
+        )
         self.stats.notifications += 1
-        self.stats.values += n
+        self._delivered(rows, value, status, source_ts)
         if not self._connected.is_set():
             self._mark_connected()
