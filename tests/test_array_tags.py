@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from asyncua import Server, ua
 
-from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.demo.run import demo_config, write_config
 from gateway.latest import BAD_TYPE_MISMATCH, LatestValues
 from gateway.normalize import EngineeringScaling, channel_permutation
 from gateway.sources.opcua import SourceTag
 from tests.conftest import free_port, wait_for_condition
+from tests.fixtures_gateway import running_gateway
 from tests.fixtures_opcua import STILL, running_simulator, running_source
 
 NS_URI = "urn:test:arrays"
@@ -157,24 +157,18 @@ def test_gateway_windows_carry_array_channels(tmp_path: Path) -> None:
             )
             raw["alarms"] = []
             raw["mqtt"]["publish_scores"] = False
-            gateway = Gateway(load_config(write_config(raw, tmp_path / "c.yaml")))
-            shutdown = asyncio.Event()
-            task = asyncio.ensure_future(gateway.run(shutdown))
-            try:
+            async with running_gateway(load_config(write_config(raw, tmp_path / "c.yaml"))) as run:
+                gateway = run.gateway
                 sampler = gateway.samplers["pump01"]
                 await wait_for_condition(
-                    lambda: gateway.counters.windows_inferred >= 2 or task.done(), 60, "windows inferred"
+                    lambda: gateway.counters.windows_inferred >= 2 or run.stopped(), 60, "windows inferred"
                 )
-                assert not task.done()
+                assert not run.stopped()
                 assert len(gateway.latest) == 24
                 assert gateway.latest.value[8:].tolist() == block
-                assert sampler.ring.window().shape[1] == 24 and sampler.skips == {
-                    "bad_quality": 0,
-                    "not_finite": 0,
-                }
+                assert sampler.ring.window().shape[1] == 24
+                assert sampler.skips == {"bad_quality": 0, "not_finite": 0}
                 assert gateway.counters.inference_errors == 0
-            finally:
-                shutdown.set()
-                await task
+            assert run.code == 0
 
     asyncio.run(main())

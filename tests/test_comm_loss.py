@@ -7,11 +7,11 @@ import json
 import logging
 from pathlib import Path
 
-from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.demo.run import demo_config, write_config
 from gateway.demo.simulator import PlcSimulator
 from tests.conftest import free_port, wait_for_condition
+from tests.fixtures_gateway import running_gateway
 from tests.fixtures_mqtt import Subscriber
 
 PUMPS = ["pump01", "pump02", "pump03", "pump04"]
@@ -31,33 +31,30 @@ def test_server_killed_and_restarted_raises_then_clears_comm_loss(tmp_path: Path
     async def scenario() -> tuple[set[asyncio.Task], set[asyncio.Task], dict, dict, dict, dict]:
         before = asyncio.all_tasks()
         with Subscriber(mosquitto.port, "edge/demo/+/alarm") as sub:
-            gateway = Gateway(cfg)
-            shutdown = asyncio.Event()
             sim = PlcSimulator(**sim_options)
             await sim.start()
-            task = asyncio.ensure_future(gateway.run(shutdown))
             try:
-                await wait_for_condition(lambda: gateway.counters.windows_inferred > 0, 60, "first windows")
-                await sim.stop()  # the PLC dies
-                await wait_for_condition(lambda: set(alarms(sub, "raised")) == set(PUMPS), 60, "comm_loss on every pump")
-                # Past max_gap_s the held values run out: windows are skipped, never fed stale numbers.
-                await wait_for_condition(
-                    lambda: all(gateway.samplers[p].skips["bad_quality"] > 0 for p in PUMPS), 60, "skipped windows"
-                )
-                down = gateway.status()
-                windows_while_down = gateway.counters.windows_inferred
-                sim = PlcSimulator(**sim_options)  # ... and comes back on the same endpoint
-                await sim.start()
-                await wait_for_condition(lambda: set(alarms(sub, "cleared")) == set(PUMPS), 60, "comm_loss cleared")
-                await wait_for_condition(
-                    lambda: gateway.counters.windows_inferred > windows_while_down, 60, "windows after recovery"
-                )
-                up = gateway.status()
+                async with running_gateway(cfg) as run:
+                    gateway = run.gateway
+                    await wait_for_condition(lambda: gateway.counters.windows_inferred > 0, 60, "first windows")
+                    await sim.stop()  # the PLC dies
+                    await wait_for_condition(lambda: set(alarms(sub, "raised")) == set(PUMPS), 60, "comm_loss on every pump")
+                    # Past max_gap_s the held values run out: windows are skipped, never fed stale numbers.
+                    await wait_for_condition(
+                        lambda: all(gateway.samplers[p].skips["bad_quality"] > 0 for p in PUMPS), 60, "skipped windows"
+                    )
+                    down = gateway.status()
+                    windows_while_down = gateway.counters.windows_inferred
+                    sim = PlcSimulator(**sim_options)  # ... and comes back on the same endpoint
+                    await sim.start()
+                    await wait_for_condition(lambda: set(alarms(sub, "cleared")) == set(PUMPS), 60, "comm_loss cleared")
+                    await wait_for_condition(
+                        lambda: gateway.counters.windows_inferred > windows_while_down, 60, "windows after recovery"
+                    )
+                    up = gateway.status()
             finally:
-                shutdown.set()
-                code = await task
                 await sim.stop()
-            assert code == 0
+            assert run.code == 0
             raised, cleared = alarms(sub, "raised"), alarms(sub, "cleared")
         return before, asyncio.all_tasks(), raised, cleared, down, up
 
@@ -92,23 +89,22 @@ def test_source_scope_raises_one_alarm_for_the_plc_and_health_lines_say_why(tmp_
 
     async def scenario() -> list[tuple[str, dict]]:
         with Subscriber(mosquitto.port, "edge/demo/+/alarm") as sub:
-            gateway = Gateway(cfg)
-            shutdown = asyncio.Event()
             sim = PlcSimulator(**sim_options)
             await sim.start()
-            task = asyncio.ensure_future(gateway.run(shutdown))
             try:
-                await wait_for_condition(lambda: health("connected, ") or task.done(), 60, "a connected health line")
-                await sim.stop()
-                await wait_for_condition(lambda: len(comm_loss(sub)) == 1 or task.done(), 60, "comm_loss raised")
-                await wait_for_condition(lambda: health("DISCONNECTED (") or task.done(), 60, "a disconnected health line")
-                sim = PlcSimulator(**sim_options)
-                await sim.start()
-                await wait_for_condition(lambda: len(comm_loss(sub)) == 2 or task.done(), 60, "comm_loss cleared")
+                async with running_gateway(cfg) as run:
+                    await wait_for_condition(lambda: health("connected, ") or run.stopped(), 60, "a connected health line")
+                    await sim.stop()
+                    await wait_for_condition(lambda: len(comm_loss(sub)) == 1 or run.stopped(), 60, "comm_loss raised")
+                    await wait_for_condition(
+                        lambda: health("DISCONNECTED (") or run.stopped(), 60, "a disconnected health line"
+                    )
+                    sim = PlcSimulator(**sim_options)
+                    await sim.start()
+                    await wait_for_condition(lambda: len(comm_loss(sub)) == 2 or run.stopped(), 60, "comm_loss cleared")
             finally:
-                shutdown.set()
-                await task
                 await sim.stop()
+            assert run.code == 0
             return comm_loss(sub)
 
     (raised_topic, raised), (cleared_topic, cleared) = asyncio.run(scenario())

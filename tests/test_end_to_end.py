@@ -15,6 +15,7 @@ from gateway.demo.run import demo_config, write_config
 from gateway.demo.simulator import PlcSimulator
 from gateway.store import Store
 from tests.conftest import free_port, wait_for_condition
+from tests.fixtures_gateway import running_gateway
 from tests.fixtures_mqtt import Subscriber, make_event
 
 FAULT_PUMP = "pump02"
@@ -39,26 +40,21 @@ def test_fault_alarm_reaches_mqtt_and_sqlite_healthy_pumps_stay_quiet(tmp_path: 
             nan_between_s=(1.0, 4.5),
         )
         with Subscriber(mosquitto.port, "edge/demo/#") as sub:
-            async with sim:
-                gateway = Gateway(cfg)
-                shutdown = asyncio.Event()
-                task = asyncio.ensure_future(gateway.run(shutdown))
-                try:
-                    await wait_for_condition(
-                        lambda: any(m.topic == f"edge/demo/{FAULT_PUMP}/alarm" for m in sub.messages) or task.done(),
-                        90,
-                        "the fault alarm over MQTT",
-                    )
-                    # Healthy pumps must have been judged for a while too, not just warmed up.
-                    await wait_for_condition(
-                        lambda: min(s.windows_emitted for s in gateway.samplers.values()) >= 10 or task.done(),
-                        60,
-                        "windows from every pump",
-                    )
-                    status = gateway.status()
-                finally:
-                    shutdown.set()
-                    assert await task == 0
+            async with sim, running_gateway(cfg) as run:
+                gateway = run.gateway
+                await wait_for_condition(
+                    lambda: any(m.topic == f"edge/demo/{FAULT_PUMP}/alarm" for m in sub.messages) or run.stopped(),
+                    90,
+                    "the fault alarm over MQTT",
+                )
+                # Healthy pumps must have been judged for a while too, not just warmed up.
+                await wait_for_condition(
+                    lambda: min(s.windows_emitted for s in gateway.samplers.values()) >= 10 or run.stopped(),
+                    60,
+                    "windows from every pump",
+                )
+                status = gateway.status()
+            assert run.code == 0
             alarms = [json.loads(m.payload) for m in sub.messages if m.topic.endswith("/alarm")]
         return status, alarms
 
@@ -105,16 +101,13 @@ def test_alarm_active_at_stop_is_restored_and_clears_under_its_id(tmp_path: Path
         await store.mark_published([raised.event_id])
         await store.stop()
         with Subscriber(mosquitto.port, "edge/demo/pump01/alarm") as sub:
-            async with PlcSimulator(port=opc_port, n_pumps=4, fault_pump=None, bad_tag=None, nan_tag=None):
-                gateway = Gateway(cfg)
-                shutdown = asyncio.Event()
-                task = asyncio.ensure_future(gateway.run(shutdown))
-                try:
-                    await wait_for_condition(lambda: bool(sub.messages) or task.done(), 60, "the restored alarm's clear")
-                finally:
-                    shutdown.set()
-                    code = await task
-            assert code == 0
+            async with (
+                PlcSimulator(port=opc_port, n_pumps=4, fault_pump=None, bad_tag=None, nan_tag=None),
+                running_gateway(cfg) as run,
+            ):
+                await wait_for_condition(lambda: bool(sub.messages) or run.stopped(), 60, "the restored alarm's clear")
+            assert run.code == 0
+            gateway = run.gateway
             return [json.loads(m.payload) for m in sub.messages], gateway
 
     messages, gateway = asyncio.run(scenario())

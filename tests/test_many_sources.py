@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.demo.run import demo_config, write_config
 from gateway.demo.simulator import PlcSimulator
 from tests.conftest import free_port, wait_for_condition
+from tests.fixtures_gateway import running_gateway
 
 
 async def black_hole(port: int) -> asyncio.AbstractServer:
@@ -43,10 +43,8 @@ def test_a_source_that_never_answers_does_not_stall_the_others(tmp_path: Path, m
         hung = await black_hole(ports[2])
         try:
             async with PlcSimulator(port=ports[0], n_pumps=2, **quiet), PlcSimulator(port=ports[1], n_pumps=1, **quiet):
-                gateway = Gateway(cfg)
-                shutdown = asyncio.Event()
-                task = asyncio.ensure_future(gateway.run(shutdown))
-                try:
+                async with running_gateway(cfg) as run:
+                    gateway = run.gateway
                     plc1, plc2, plc3 = gateway.sources
                     await wait_for_condition(lambda: plc3.stats.connect_errors >= 1, 60, "a first failed connect")
                     start = plc1.stats.reads, plc2.stats.reads
@@ -56,9 +54,7 @@ def test_a_source_that_never_answers_does_not_stall_the_others(tmp_path: Path, m
                     healthy = [gateway.samplers[p] for p in ("pump01", "pump02", "pump03")]
                     await wait_for_condition(lambda: all(s.windows_emitted for s in healthy), 60, "windows")
                     status = gateway.status()
-                finally:
-                    shutdown.set()
-                    assert await task == 0
+                assert run.code == 0
         finally:
             hung.close()
             await hung.wait_closed()
