@@ -66,7 +66,16 @@ async def running_source(
     config = source_config(endpoint, **cfg)
     kind = OpcUaSubscriptionSource if config.mode == "subscribe" else OpcUaPollSource
     rows = max(t.index + t.width for t in tags)
-    source = kind(config, tags, latest if latest is not None else LatestValues(rows))
+    async with running(kind(config, tags, latest if latest is not None else LatestValues(rows))) as source:
+        yield source
+
+
+SourceT = TypeVar("SourceT", bound=OpcUaSource)
+
+
+@contextlib.asynccontextmanager
+async def running(source: SourceT) -> AsyncIterator[SourceT]:
+    """`source.run()` in a task, cancelled and awaited on exit."""
     task = asyncio.create_task(source.run())
     try:
         yield source

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ from gateway.sources.subscription import OpcUaSubscriptionSource
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_opcua import (
     STILL,
+    running,
     running_simulator,
     running_source,
     source_config,
@@ -215,3 +217,115 @@ def test_subscription_keys_need_subscribe_mode() -> None:
         SourceConfig(name="plc", endpoint="opc.tcp://h:4840", mode="subscribe", deadband={"type": "percent", "value": 150})
     cfg = SourceConfig(name="plc", endpoint="opc.tcp://h:4840", mode="subscribe", publishing_interval_ms=250)
     assert cfg.sampling_ms == 250 and cfg.queue_size == 10 and cfg.deadband is None
+
+
+@contextlib.asynccontextmanager
+async def started(
+    endpoint: str, node_ids: Sequence[str], **attributes: Any
+) -> AsyncIterator[OpcUaSubscriptionSource]:
+    """A subscribing source with class attributes overridden (publish_depth, own_publish_loop), in a task."""
+    cfg = source_config(endpoint, mode="subscribe", publishing_interval_ms=50)
+    tags = [SourceTag(i, n) for i, n in enumerate(node_ids)]
+    source = OpcUaSubscriptionSource(cfg, tags, LatestValues(len(node_ids)))
+    for name, value in attributes.items():
+        setattr(source, name, value)
+    async with running(source):
+        yield source
+
+
+def _asyncua_publish_loops() -> list[asyncio.Task[Any]]:
+    tasks = asyncio.all_tasks()
+    return [t for t in tasks if t.get_coro().__qualname__ == "UaSession._publish_loop"]  # type: ignore[union-attr]
+
+
+def test_own_publish_loop_acknowledges_every_message_and_decodes_with_numpy() -> None:
+    async def main() -> None:
+        moving = {**STILL, "rate_hz": 20.0}
+        async with running_simulator(n_pumps=1, **moving) as sim:
+            subscriptions = sim.server.iserver.subscription_service.subscriptions
+            async with running_subscription(sim.endpoint, sim.tags) as source:
+                assert await source.wait_connected(10)
+                stats = source.stats
+                await wait_for_condition(lambda: stats.notifications >= 30)
+                (subscription,) = subscriptions.values()
+                # Unacknowledged, the server would keep every one of those messages for retransmission.
+                assert len(subscription._not_acknowledged_results) <= source.publish_depth
+                assert stats.unacknowledged <= source.publish_depth
+                assert stats.fast_decodes >= 29 and stats.slow_decodes <= 1 and stats.session_errors == 0
+                assert not _asyncua_publish_loops()
+
+    asyncio.run(main())
+
+
+def test_newest_of_several_queued_values_is_stored() -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=1, **STILL) as sim:
+            nodes = sim.tags[:1]
+            latest = RecordingLatest(1)
+            async with running_subscription(sim.endpoint, nodes, latest, queue_size=10) as source:
+                assert await source.wait_connected(10)
+                (subscription,) = sim.server.iserver.subscription_service.subscriptions.values()
+                # Held back by the server, the three changes leave in one publish response, oldest first.
+                await subscription.set_publishing_mode(False)
+                for x in (1.0, 2.0, 3.0):
+                    await sim.server.write_attribute_value(ua.NodeId.from_string(nodes[0]), _double(x))
+                await subscription.set_publishing_mode(True)
+                await wait_for_condition(lambda: latest.value[0] == 3.0)
+                assert 1.0 not in latest.seen(0) and 2.0 not in latest.seen(0)
+
+    asyncio.run(main())
+
+
+def test_a_status_change_notification_ends_the_session() -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=1, **STILL) as sim:
+            before = asyncio.all_tasks()
+            # A long backoff keeps the session's end in view.
+            backoff = {"reconnect_min_s": 60, "reconnect_max_s": 60}
+            async with running_subscription(sim.endpoint, sim.tags, **backoff) as source:
+                assert await source.wait_connected(10)
+                latest = source.latest
+                (subscription,) = sim.server.iserver.subscription_service.subscriptions.values()
+                expired = ua.StatusCode(ua.StatusCodes.BadTimeout)
+                await subscription.monitored_item_srv.trigger_statuschange(expired)
+                await wait_for_condition(lambda: source.stats.last_error is not None)
+                assert source.stats.last_error == "subscription ended: BadTimeout"
+                assert (latest.status == BAD_COMMUNICATION_ERROR).all() and source.stats.session_errors == 1
+            leaked = {t for t in asyncio.all_tasks() - before if not t.done()}
+            # Only the server's own connection tasks may remain until it closes the connection.
+            assert not [t for t in leaked if "gateway" in repr(t.get_coro())], leaked
+
+    asyncio.run(main())
+
+
+def test_too_many_publish_requests_lowers_the_depth_once_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> int:
+        async with running_simulator(n_pumps=1, **STILL) as sim:
+            # asyncua's server keeps at most subscriptions + 10 publish requests of a session.
+            async with started(sim.endpoint, sim.tags, publish_depth=14) as source:
+                assert await source.wait_connected(10)
+                publisher = source._publisher
+                assert publisher is not None
+                await wait_for_condition(lambda: publisher.depth <= 11)
+                speed = sim.node_id(1, "speed")
+                await write_uncertain_and_await(sim, source.latest, speed, sim.tags.index(speed))
+                assert source.stats.session_errors == 0 and source.stats.connects == 1
+                return publisher.depth
+
+    assert asyncio.run(main()) == 11
+    lowered = [r for r in caplog.records if "one too many" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(lowered) == 1
+
+
+def test_asyncua_s_publish_loop_is_the_fallback() -> None:
+    async def main() -> None:
+        async with running_simulator(n_pumps=1, **STILL) as sim:
+            async with started(sim.endpoint, sim.tags, own_publish_loop=False) as source:
+                assert await source.wait_connected(10)
+                await wait_for_condition(lambda: is_good(source.latest.status).all())
+                assert len(_asyncua_publish_loops()) == 1
+                speed = sim.node_id(1, "speed")
+                await write_uncertain_and_await(sim, source.latest, speed, sim.tags.index(speed))
+                assert source.stats.slow_decodes >= 2 and source.stats.fast_decodes == 0
+
+    asyncio.run(main())

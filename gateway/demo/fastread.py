@@ -14,7 +14,8 @@ Every other path sees the same values: each variable's Value attribute gets a va
 builds its DataValue from the arrays when asyncua reads it (plain Reads, monitored items' first
 value) and a value setter, so a write from elsewhere is kept until the next update(). "Current" is
 exact: every path returns the values of the latest update(), whose timestamp is source and server
-timestamp alike.
+timestamp alike. update() notifies the variables' monitored items from the arrays as well
+(fastpublish.ArrayNotifier).
 
 The Read interception wraps asyncua 2.1's UaProcessor._process_message, once per process, and acts
 only for servers that registered here; READ_HOOK says whether this asyncua has the internals it uses.
@@ -43,6 +44,8 @@ from asyncua.server.internal_session import InternalSession
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.ua_binary import nodeid_to_binary, struct_from_binary, struct_to_binary
 
+from gateway.demo.fastpublish import BAD_BIT, ArrayNotifier, encode_datavalues
+
 logger = logging.getLogger(__name__)
 
 # The asyncua 2.1 internals the Read hook relies on; without them every Read goes through asyncua.
@@ -53,7 +56,6 @@ READ_HOOK = (
     and all(hasattr(InternalSession, name) for name in ("is_activated", "touch"))
 )
 
-_BAD_BIT = 0x80000000
 _VALUE_ID = ua.AttributeIds.Value
 _DOUBLE = ua.VariantType.Double
 _NULL = ua.Variant(None, ua.VariantType.Null)
@@ -65,19 +67,6 @@ _NO_ENCODING = ua.QualifiedName()
 # Distinct Read parameter sets remembered: a poller sends one per request chunk.
 _PLANS = 64
 _ANSWERED_TIMESTAMPS = (ua.TimestampsToReturn.Source, ua.TimestampsToReturn.Both)
-# One DataValue with Value, StatusCode, SourceTimestamp and ServerTimestamp; packed, 30 bytes.
-_ENTRY = np.dtype(
-    [
-        ("mask", "u1"),
-        ("vtype", "u1"),
-        ("value", "<f8"),
-        ("status", "<u4"),
-        ("source", "<i8"),
-        ("server", "<i8"),
-    ]
-)
-# The Double's bytes, after the mask and Variant type bytes; a Null Variant has none.
-_VALUE_BYTES = np.arange(2, 10)
 
 
 def encode_results(value: np.ndarray, status: np.ndarray, ticks: int) -> bytes:
@@ -86,21 +75,7 @@ def encode_results(value: np.ndarray, status: np.ndarray, ticks: int) -> bytes:
 
     ticks: the timestamp in 100 ns since 1601 (ua.datetime_to_win_epoch).
     """
-    n = len(value)
-    entries = np.empty(n, dtype=_ENTRY)
-    entries["mask"] = 0x0F
-    entries["vtype"] = int(_DOUBLE)
-    entries["value"] = value
-    entries["status"] = status
-    entries["source"] = ticks
-    entries["server"] = ticks
-    raw = entries.view(np.uint8)
-    bad = np.flatnonzero(status & _BAD_BIT)
-    if len(bad):
-        starts = bad * _ENTRY.itemsize
-        raw[starts + 1] = int(ua.VariantType.Null)
-        raw = np.delete(raw, (starts[:, None] + _VALUE_BYTES).ravel())
-    return struct.pack("<i", n) + raw.tobytes()
+    return struct.pack("<i", len(value)) + encode_datavalues(value, status, ticks)
 
 
 class ArrayVariables:
@@ -123,13 +98,14 @@ class ArrayVariables:
         self._attrs = [aspace[nid].attributes[_VALUE_ID] for nid in self.node_ids]
         # Rows written from outside since the last update(), served as written until then.
         self._written: dict[int, ua.DataValue] = {}
-        self._own_write = False
         # Parameter bytes -> rows to answer from, or None for a request asyncua answers.
         # Bounded by _PLANS; overflow policy: the least recently used entry is evicted.
         self._plans: OrderedDict[bytes, np.ndarray | None] = OrderedDict()
         for nid in self.node_ids:
             server.set_attribute_value_callback(nid, self._read_value)
             server.set_attribute_value_setter(nid, self._store_write)
+        # Monitored items of these variables are notified from the arrays too.
+        self.notifier = ArrayNotifier(server, self._attrs)
         self._iserver: InternalServer | None = None
         if READ_HOOK:
             _install_read_hook()
@@ -153,33 +129,24 @@ class ArrayVariables:
             return written
         code = int(self.status[row])
         status = _GOOD if code == 0 else ua.StatusCode(ua.UInt32(code))
-        variant = _NULL if code & _BAD_BIT else ua.Variant(float(self.value[row]), _DOUBLE)
+        variant = _NULL if code & BAD_BIT else ua.Variant(float(self.value[row]), _DOUBLE)
         return ua.DataValue(variant, status, self.timestamp, self.timestamp)
 
     async def update(self, value: np.ndarray, status: np.ndarray, timestamp: ua.DateTime) -> None:
-        """Publish new values and status codes, stamped `timestamp`; monitored variables notify their items."""
+        """Publish new values and status codes, stamped `timestamp`; monitored items are notified."""
+        written = list(self._written)
+        self.notifier.refresh(self.value, self.status)
         self.value[:] = value
         self.status[:] = status
         self.timestamp = timestamp
         self._ticks = ua.datetime_to_win_epoch(timestamp)
         self._written.clear()
-        for row in [row for row, attr in enumerate(self._attrs) if attr.datachange_callbacks]:
-            # write_attribute_value fires the data-change callbacks; _store_write skips the store.
-            self._own_write = True
-            try:
-                await self.server.write_attribute_value(self.node_ids[row], self.data_value(row))
-            finally:
-                self._own_write = False
+        await self.notifier.notify(self.value, self.status, self._ticks, written, self.data_value)
 
     def _read_value(self, nodeid: ua.NodeId, _attr: ua.AttributeIds) -> ua.DataValue:
         return self.data_value(self._rows[nodeid])
 
     def _store_write(self, node: NodeData, _attr: ua.AttributeIds, value: ua.DataValue) -> None:
-        # Called synchronously by write_attribute_value before it awaits the callbacks, so the flag
-        # only ever covers update()'s own write.
-        if self._own_write:
-            self._own_write = False
-            return
         self._written[self._rows[node.nodeid]] = value
 
     def answer_read(self, proc: UaProcessor, request_handle: int, seqhdr: Any, body: Buffer) -> bool:

@@ -6,9 +6,10 @@ A schedule injects a bearing fault, a window of BadSensorFailure and a window of
 gateway's handling of each can be demonstrated and tested.
 
 With fast_read (`--fast-read`, what the benchmark runs) the values live in NumPy arrays
-(fastread.ArrayVariables): the Read a poller repeats every tick is answered from them, and every other
-request reads the same latest values through asyncua, so the simulator, not asyncua's per-value Read
-handling, is what it costs.
+(fastread.ArrayVariables): the Read a poller repeats every tick is answered from them, subscriptions'
+data-change notifications are found and encoded from them (fastpublish.ArrayNotifier), and every
+other request reads the same latest values through asyncua, so the simulator, not asyncua's
+per-value Read and notification handling, is what it costs.
 
 Run it as its own process: `python -m gateway.demo.simulator --port 4840 --pumps 4`.
 """
@@ -196,7 +197,7 @@ class PlcSimulator:
             self._close_variables()
             raise
         self._t0 = time.monotonic()
-        await self._write(self.fleet.step(1.0 / self.rate_hz), 0.0)
+        await self.write_values(self.fleet.step(1.0 / self.rate_hz), 0.0)
         self._task = asyncio.create_task(self._run(), name=f"plc-simulator:{self.port}")
         logger.info(
             "simulated PLC at %s: %d pumps, %d tags, %.0f Hz (started in %.2f s)",
@@ -283,11 +284,12 @@ class PlcSimulator:
             t = tick * period
             if self.fault_pump is not None:
                 self.fleet.fault[self.fault_pump - 1] = self.fault_severity(t)
-            await self._write(self.fleet.step(steps * period), t)
+            await self.write_values(self.fleet.step(steps * period), t)
             self.stats.busy_s += time.perf_counter() - began
 
-    async def _write(self, values: np.ndarray, t: float) -> None:
-        """Publish one tick's values, with the schedule's NaN and Bad windows applied, stamped now."""
+    async def write_values(self, values: np.ndarray, t: float) -> None:
+        """Publish one tick's values (n_pumps x len(TAGS)) as of schedule time `t` s, with the schedule's
+        NaN (written into `values`) and Bad windows applied, stamped now; the update loop calls it every tick."""
         flat = values.ravel()
         if self._nan_flat is not None and self.nan_between_s[0] <= t < self.nan_between_s[1]:
             flat[self._nan_flat] = math.nan
@@ -342,7 +344,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fast-read",
         action="store_true",
-        help="answer the Read a poller repeats from NumPy arrays, not value by value (for benchmarks)",
+        help="answer the Read a poller repeats and make subscriptions' notifications from NumPy arrays,"
+        " not value by value (for benchmarks)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)

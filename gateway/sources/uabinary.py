@@ -40,7 +40,7 @@ from gateway.latest import BAD_TYPE_MISMATCH, tag_rows
 logger = logging.getLogger(__name__)
 
 # Bad (10) and the reserved severity 11 both set the top bit.
-_BAD_BIT = 0x80000000
+BAD_BIT = 0x80000000
 _READ_REQUEST_TYPE_ID = nodeid_to_binary(ua.ReadRequest().TypeId)
 # The asyncua 2.x internals EncodedRead.send relies on; older releases lack them and get the generic send.
 PRE_ENCODED_SEND = all(
@@ -48,7 +48,7 @@ PRE_ENCODED_SEND = all(
 )
 
 # Variant type byte -> value dtype for the scalars stored as numbers; Null (0) has no value bytes.
-_VALUE_DTYPES: dict[int, np.dtype[Any]] = {
+VALUE_DTYPES: dict[int, np.dtype[Any]] = {
     int(vt): np.dtype(code)
     for vt, code in (
         (ua.VariantType.Boolean, "u1"),
@@ -64,13 +64,13 @@ _VALUE_DTYPES: dict[int, np.dtype[Any]] = {
         (ua.VariantType.Double, "<f8"),
     )
 }
-_VALUE_SIZES = {0: 0, **{vt: dt.itemsize for vt, dt in _VALUE_DTYPES.items()}}
+_VALUE_SIZES = {0: 0, **{vt: dt.itemsize for vt, dt in VALUE_DTYPES.items()}}
 _BOOLEAN = int(ua.VariantType.Boolean)
-_VALUE, _STATUS, _SOURCE_TS = 0x01, 0x02, 0x04
+MASK_VALUE, MASK_STATUS, MASK_SOURCE_TS = 0x01, 0x02, 0x04
 # Bytes of a DataValue after its Variant, by encoding mask: status, both timestamps, both picoseconds.
-_AFTER_VALUE = [
-    4 * bool(m & _STATUS)
-    + 8 * bool(m & _SOURCE_TS)
+AFTER_VALUE = [
+    4 * bool(m & MASK_STATUS)
+    + 8 * bool(m & MASK_SOURCE_TS)
     + 8 * bool(m & 0x08)
     + 2 * bool(m & 0x10)
     + 2 * bool(m & 0x20)
@@ -135,18 +135,18 @@ def datavalues_to_arrays(
                 values[slot] = x
             else:
                 values[slot] = nan
-                if not code & _BAD_BIT:
+                if not code & BAD_BIT:
                     code = BAD_TYPE_MISMATCH
             codes[slot] = code
             stamps[slot] = stamp
             slot += 1
             continue
         stop = slot + width
-        if kind is list and len(x) == width and type_ok and var.VariantType.value in _VALUE_DTYPES:  # type: ignore[union-attr]
+        if kind is list and len(x) == width and type_ok and var.VariantType.value in VALUE_DTYPES:  # type: ignore[union-attr]
             values[slot:stop] = x
         else:
             values[slot:stop] = [nan] * width
-            if not code & _BAD_BIT:
+            if not code & BAD_BIT:
                 code = BAD_TYPE_MISMATCH
         codes[slot:stop] = [code] * width
         stamps[slot:stop] = [stamp] * width
@@ -180,11 +180,11 @@ class _Layout:
         count = np.array(counts, dtype=np.intp)
         is_array = (tbyte & _ARRAY_BIT) != 0
         vt = tbyte & ~np.uint8(_ARRAY_BIT)
-        has_value = (mask & _VALUE) != 0
+        has_value = (mask & MASK_VALUE) != 0
         item_size = np.array([_VALUE_SIZES[v] for v in vt.tolist()], dtype=np.intp)
         value_size = np.where(is_array, 4 + np.maximum(count, 0) * item_size, item_size)
         status_off = off + 1 + np.where(has_value, 1 + value_size, 0)
-        ts_off = status_off + np.where(mask & _STATUS, 4, 0)
+        ts_off = status_off + np.where(mask & MASK_STATUS, 4, 0)
         self.n = len(offsets)
         self.end = end
         # The bytes that fix every entry's size: its mask, with a value its variant type byte, and
@@ -193,8 +193,8 @@ class _Layout:
         self.key_at = np.concatenate([off, off[has_value] + 1, *(array_at + k for k in range(4))])
         lengths_le = count[is_array].astype("<i4").view(np.uint8).reshape(-1, 4)
         self.key = np.concatenate([mask, tbyte[has_value], *(lengths_le[:, k] for k in range(4))])
-        self.status_rows, self.status_at = _gather_plan(np.flatnonzero(mask & _STATUS), status_off, 4)
-        self.ts_rows, self.ts_at = _gather_plan(np.flatnonzero(mask & _SOURCE_TS), ts_off, 8)
+        self.status_rows, self.status_at = _gather_plan(np.flatnonzero(mask & MASK_STATUS), status_off, 4)
+        self.ts_rows, self.ts_at = _gather_plan(np.flatnonzero(mask & MASK_SOURCE_TS), ts_off, 8)
         # Values of another type or shape than expected are left out: checked once per layout, since
         # the fast path only ever extracts from bodies with these same type and length bytes.
         want = np.zeros(self.n, dtype=np.intp) if lengths is None else lengths
@@ -205,14 +205,14 @@ class _Layout:
         first_slot = np.cumsum(width) - width
         data_off = off + np.where(is_array, 6, 2)
         self.values = []
-        for code, dtype in _VALUE_DTYPES.items():
+        for code, dtype in VALUE_DTYPES.items():
             nodes = np.flatnonzero(usable & (vt == code))
             if len(nodes):
                 slots = tag_rows(first_slot[nodes], width[nodes])
                 element = slots - np.repeat(first_slot[nodes], width[nodes])
                 starts = np.repeat(data_off[nodes], width[nodes]) + element * dtype.itemsize
                 self.values.append((slots, starts[:, None] + np.arange(dtype.itemsize), dtype, code == _BOOLEAN))
-        self.no_value_rows = np.flatnonzero(~(usable & np.isin(vt, list(_VALUE_DTYPES))))
+        self.no_value_rows = np.flatnonzero(~(usable & np.isin(vt, list(VALUE_DTYPES))))
 
     def matches(self, body: np.ndarray) -> bool:
         """True if `body` (bytes from the first entry on) holds entries of exactly this layout."""
@@ -228,7 +228,7 @@ class _Layout:
             value[slots] = raw != 0 if boolean else raw
         if len(self.no_value_rows):
             codes = status[self.no_value_rows]
-            status[self.no_value_rows] = np.where(codes & _BAD_BIT, codes, BAD_TYPE_MISMATCH)
+            status[self.no_value_rows] = np.where(codes & BAD_BIT, codes, BAD_TYPE_MISMATCH)
         ticks = np.zeros(self.n, dtype=np.int64)
         ticks[self.ts_rows] = body[self.ts_at].view("<i8").ravel()
         source_ts[:] = us1601_to_unix_ns(ticks // 10)
@@ -257,7 +257,7 @@ def _scan_layout(
             return None
         q = p + 1
         tbyte = 0
-        if mask & _VALUE:
+        if mask & MASK_VALUE:
             if q >= size:
                 return None
             tbyte = raw[q]
@@ -274,7 +274,7 @@ def _scan_layout(
             else:
                 q += sizes[vt]
         offsets[i], masks[i], type_bytes[i] = p - start, mask, tbyte
-        p = q + _AFTER_VALUE[mask]
+        p = q + AFTER_VALUE[mask]
     if p > size:
         return None
     return _Layout(offsets, masks, type_bytes, counts, p - start, expected, lengths)
