@@ -28,16 +28,8 @@ from gateway.inference.worker import InferenceWorker
 from gateway.latest import LatestValues
 from gateway.metrics import LatencyReservoir
 from gateway.models import LoadedModel, load_manifests, load_models
-from gateway.sinks.mqtt import (
-    MqttPublisher,
-    alarm_payload,
-    alarm_topic,
-    drain_once,
-    drain_outbox,
-    iso_utc,
-    score_payload,
-    score_topic,
-)
+from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
+from gateway.sinks.payloads import alarm_payload, alarm_topic, iso_utc, score_payload, score_topic
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
 from gateway.store import Store
@@ -409,7 +401,9 @@ class Gateway:
         async def publish_one(topic: str, payload: bytes, recv_ns: int) -> None:
             async with slots:
                 try:
-                    await self.publisher.publish(topic, payload, qos=self.cfg.mqtt.qos)
+                    await self.publisher.publish(
+                        topic, payload, qos=self.cfg.mqtt.qos, expiry_s=self.cfg.mqtt.score_expiry_s
+                    )
                 except PublishError:
                     self.counters.scores_dropped += 1
                     return

@@ -90,6 +90,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Throughput and latency figures for this device."""
+    if args.delivery:
+        from gateway.bench_delivery import run_delivery_bench
+
+        return asyncio.run(
+            run_delivery_bench(
+                events=args.events, backlog=args.backlog, as_json=args.json, broker_down_s=args.broker_down_s
+            )
+        )
     from gateway.bench import run_bench
 
     return asyncio.run(
@@ -135,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="afterwards, time a one-Read-per-node reader for comparison (0: skip)",
+    )
+    b.add_argument(
+        "--delivery",
+        action="store_true",
+        help="instead: alarm events through the SQLite outbox to a subscriber, backlog after a broker restart",
+    )
+    b.add_argument("--events", type=int, default=10_000, help="with --delivery: events in the sustained run")
+    b.add_argument("--backlog", type=int, default=10_000, help="with --delivery: events stored while the broker is down")
+    b.add_argument(
+        "--broker-down-s",
+        type=float,
+        default=0.0,
+        help="with --delivery: keep the broker down at least this long (default: while the backlog is stored)",
     )
     b.set_defaults(func=cmd_bench)
     add_browse_command(sub)

@@ -257,6 +257,16 @@ class MqttConfig(_Model):
     qos: Literal[0, 1, 2] = 1
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     publish_timeout_s: PositiveFloat = 10.0
+    # The broker keeps the session this long after a disconnect (MQTT 5 Session Expiry Interval;
+    # 3.1.1: any value > 0 is clean_session false); 0: a clean session on every connect.
+    session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 3600
+    reconnect_min_s: PositiveFloat = 1.0
+    # Short, because the outbox backlog waits on it: a broker back after a long outage is found
+    # within this many seconds. A connect attempt to a down broker on the LAN costs next to nothing.
+    reconnect_max_s: PositiveFloat = 5.0
+    # MQTT 5 Message Expiry Interval of score messages: a stale score is worthless. 0: never expire.
+    # Alarms and the retained status never expire.
+    score_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 60
     tls: TlsConfig | None = None
     username: str | None = None
     # The password never lives in the YAML: name an environment variable or a file.
@@ -282,6 +292,14 @@ class MqttConfig(_Model):
     def _status_fields(cls, v: str) -> str:
         _check_template(v, {"prefix", "site", "gateway_id"})
         return v
+
+    @model_validator(mode="after")
+    def _reconnect_range(self) -> MqttConfig:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s:g}) must not exceed reconnect_max_s ({self.reconnect_max_s:g})"
+            )
+        return self
 
     def password(self) -> str | None:
         """The broker password from the environment or a file, or None when not configured."""

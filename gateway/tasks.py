@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -17,7 +18,14 @@ if sys.version_info >= (3, 12):
 else:  # pragma: no cover - depends on the interpreter
     from wait_for2 import wait_for
 
-__all__ = ["Pulse", "Supervisor", "wait_event", "wait_for"]
+__all__ = ["Pulse", "Supervisor", "backoff_delay", "wait_event", "wait_for"]
+
+
+def backoff_delay(failures: int, lo: float, hi: float) -> float:
+    """Capped exponential backoff with jitter: uniform in [cap/2, cap] (not below lo), cap = min(hi, lo * 2**failures)."""
+    # Jitter spreads the retries of many gateways (or sources) that lost the same peer at once.
+    cap = min(hi, lo * 2.0 ** min(failures, 32))
+    return max(lo, random.uniform(cap / 2.0, cap))
 
 
 class Supervisor:

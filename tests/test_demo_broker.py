@@ -18,7 +18,8 @@ from gateway.config import MqttConfig
 from gateway.demo import broker as demo_broker
 from gateway.demo.broker import BrokerError, EmbeddedBroker, MosquittoBroker, choose_demo_broker
 from gateway.demo.run import run_demo
-from gateway.sinks.mqtt import MqttPublisher, alarm_payload, alarm_topic, status_topic
+from gateway.sinks.mqtt import MqttPublisher
+from gateway.sinks.payloads import alarm_payload, alarm_topic, status_topic
 from tests.conftest import free_port
 from tests.fixtures_mqtt import Received, Subscriber, make_event
 

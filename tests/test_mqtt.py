@@ -15,7 +15,8 @@ import pytest
 from gateway.config import MqttConfig
 from gateway.demo.broker import BrokerError, MosquittoBroker, MqttProtocol, find_mosquitto
 from gateway.errors import PublishError
-from gateway.sinks.mqtt import MqttPublisher, alarm_payload, alarm_topic, drain_outbox, status_topic
+from gateway.sinks.mqtt import MqttPublisher, drain_outbox
+from gateway.sinks.payloads import alarm_payload, alarm_topic, status_topic
 from gateway.store import Store
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_mqtt import Received, Subscriber, make_event

@@ -26,9 +26,16 @@ class Sink(Protocol):
         ...
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+        expiry_s: int = 0,
     ) -> None:
-        """Deliver one message; returns after the acknowledgement."""
+        """Deliver one message (discarded by the remote side after `expiry_s` > 0); returns after the acknowledgement."""
         ...
 
     async def stop(self, timeout: float = 2.0) -> None:

@@ -1,125 +1,48 @@
-"""MQTT sink: alarm and status payloads, an asyncio publisher over paho-mqtt, and the outbox drain.
+"""MQTT sink: an asyncio publisher over paho-mqtt, and the outbox drain.
 
 paho runs its own network thread (`loop_start`); its callbacks never do work, they only hand results
 to the event loop with `call_soon_threadsafe`, where futures keyed by message id are resolved.
 
-Alarm payload (JSON, schema 1): alarm_id, event_id, event ("raised" | "cleared"), gateway_id, site,
-asset, rule, kind, output, severity, value, threshold, model, model_version,
-first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"; null when the PLC sends no timestamps), decided_at (ISO 8601 UTC, ms, "Z"), schema.
-Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is at least once.
+Delivery across reconnects: the session is persistent (MQTT 5 clean start off with a Session Expiry
+Interval, 3.1.1 clean session off; `mqtt.session_expiry_s: 0` turns it off) and paho keeps every
+unacknowledged QoS 1 message across a reconnect and re-sends it under the same message id. So a lost
+connection does not fail a publish() that waits for its PUBACK: the PUBACK of the re-sent message
+resolves it, and only then does the outbox mark the event. A publish() that times out first is
+retried by the outbox while paho may still re-send the first copy: the event can arrive twice, never
+zero times (consumers dedupe on event_id). paho's own reconnect delay is replaced after every failure
+by `backoff_delay` (capped exponential with jitter; paho's has no jitter).
 
-Score payload (only with mqtt.publish_scores): asset, model, model_version, values {name: number},
-window_end_source_ts, decided_at, schema.
-
-Status payload (retained, also the Last Will): state ("online" | "offline"), gateway_id, version,
-started_at, schema.
+Topics and payloads are in gateway.sinks.payloads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
+from gateway.sinks.payloads import status_payload, status_topic
 from gateway.store import Store
-from gateway.tasks import wait_event, wait_for
+from gateway.tasks import backoff_delay, wait_event, wait_for
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # paho's own in-flight window is 20; more concurrent publishes would only queue inside paho.
 MAX_INFLIGHT = 20
 # Messages paho may hold (in flight or awaiting reconnect); beyond it publish fails (DROP_NEWEST,
 # the outbox keeps the alarm and retries).
 MAX_QUEUED = 1000
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def iso_utc_or_none(ns: int) -> str | None:
-    """Like iso_utc, but None for 0, which means the PLC sent no timestamp (not 1970)."""
-    return iso_utc(ns) if ns else None
-
-
-def iso_utc(ns: int) -> str:
-    """Nanoseconds since the epoch as ISO 8601 UTC with milliseconds and 'Z'."""
-    dt = _EPOCH + timedelta(microseconds=ns // 1000)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def alarm_topic(cfg: MqttConfig, *, gateway_id: str, event: AlarmEvent) -> str:
-    """The topic an alarm event is published to."""
-    return cfg.alarm_topic.format(
-        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id,
-        asset=event.asset, rule=event.rule, severity=event.severity,
-    )  # fmt: skip
-
-
-def status_topic(cfg: MqttConfig, gateway_id: str) -> str:
-    """The topic of the gateway's retained online/offline status."""
-    return cfg.status_topic.format(prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id)
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def alarm_payload(event: AlarmEvent, *, site: str) -> bytes:
-    """The compact JSON for one alarm event (field list in the module docstring)."""
-    return _dumps({
-        "alarm_id": event.alarm_id, "event_id": event.event_id, "event": event.event,
-        "gateway_id": event.gateway_id, "site": site, "asset": event.asset, "rule": event.rule,
-        "kind": event.kind, "output": event.output, "severity": event.severity,
-        "value": _finite(event.value), "threshold": _finite(event.threshold),
-        "model": event.model, "model_version": event.model_version,
-        "first_abnormal_source_ts": iso_utc_or_none(event.first_abnormal_source_ts_ns),
-        "decided_at": iso_utc(event.decided_at_ns), "schema": SCHEMA_VERSION,
-    })  # fmt: skip
-
-
-def score_topic(cfg: MqttConfig, *, gateway_id: str, asset: str, model: str) -> str:
-    """The topic of one asset's per-window model outputs."""
-    return cfg.score_topic.format(
-        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id, asset=asset, model=model
-    )
-
-
-def score_payload(
-    *, asset: str, model: str, model_version: str, values: dict[str, float], source_ts_ns: int, decided_at_ns: int
-) -> bytes:
-    """The compact JSON of one window's model outputs."""
-    return _dumps({
-        "asset": asset, "model": model, "model_version": model_version,
-        "values": {k: _finite(v) for k, v in values.items()},
-        "window_end_source_ts": iso_utc_or_none(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
-        "schema": SCHEMA_VERSION,
-    })  # fmt: skip
-
-
-def status_payload(
-    state: Literal["online", "offline"], *, gateway_id: str, version: str, started_at: str
-) -> bytes:
-    """The compact JSON of the retained status message."""
-    return _dumps({
-        "state": state, "gateway_id": gateway_id, "version": version, "started_at": started_at,
-        "schema": SCHEMA_VERSION,
-    })  # fmt: skip
 
 
 class _DropNoSocketNoise(logging.Filter):
@@ -149,6 +72,8 @@ class PublisherStats:
     published: int = 0
     failed: int = 0
     connects: int = 0
+    # The broker's "session present" flag of the last CONNACK: True when it resumed our session.
+    session_present: bool = False
     last_error: str | None = None
 
 
@@ -172,11 +97,20 @@ class MqttPublisher:
         self._connected_evt: asyncio.Event | None = None
         self._inflight: asyncio.Semaphore | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._v5 = cfg.protocol == "5"
+        # paho's thread only: consecutive connection failures, and why the broker refused the last CONNECT.
+        self._failures = 0
+        self._refused: str | None = None
 
     @property
     def connected(self) -> bool:
         """True while a session with the broker is up (as last reported by paho's thread)."""
         return self._connected
+
+    @property
+    def awaiting_ack(self) -> int:
+        """How many publish() calls are waiting for their PUBACK."""
+        return len(self._acks)
 
     async def start(self) -> None:
         """Configure the client and start connecting in the background; a down broker is not an error."""
@@ -186,14 +120,30 @@ class MqttPublisher:
         password = self.cfg.password()
         # tls_set reads certificate files: keep that off the loop.
         self._client = await asyncio.to_thread(self._make_client, password)
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        expiry = self.cfg.session_expiry_s
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = expiry
+            self._client.connect_async(
+                self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=expiry == 0,
+                properties=props,
+            )  # fmt: skip
+        else:  # 3.1.1: clean_session was given to the Client
+            self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self._client.loop_start()
-        logger.info("mqtt: connecting to %s as %s", self._where, self._client_id)
+        logger.info(
+            "mqtt: connecting to %s as %s (session expiry %d s)", self._where, self._client_id, expiry
+        )
 
     def _make_client(self, password: str | None) -> mqtt.Client:
         cfg = self.cfg
-        protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=protocol)
+        if self._v5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311,
+                clean_session=cfg.session_expiry_s == 0,
+            )  # fmt: skip
         client.enable_logger(_paho_logger)
         client.will_set(self.status_topic, self._status["offline"], qos=1, retain=True)
         if cfg.tls is not None:
@@ -209,7 +159,9 @@ class MqttPublisher:
             client.tls_insecure_set(cfg.tls.insecure_skip_verify)
         if cfg.username is not None:
             client.username_pw_set(cfg.username, password)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # The first retry's delay; each failure callback sets the next one (_next_delay).
+        delay = backoff_delay(0, cfg.reconnect_min_s, cfg.reconnect_max_s)
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
         client.max_queued_messages_set(MAX_QUEUED)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -226,9 +178,14 @@ class MqttPublisher:
         return self._connected
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float | None = None
-    ) -> None:
-        """Publish and return once acknowledged (QoS >= 1); PublishError if not connected, refused or late."""
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float | None = None,
+        expiry_s: int = 0,
+    ) -> None:  # fmt: skip
+        """Publish and return once acknowledged (QoS >= 1); PublishError if not connected, refused or late.
+
+        `expiry_s` > 0 sets the MQTT 5 Message Expiry Interval (ignored on 3.1.1): for data that is
+        stale after a while (scores), never for alarms or the retained status.
+        """
         timeout = self.cfg.publish_timeout_s if timeout is None else timeout
         if self._inflight is None or self._loop is None:
             raise self._failed("publisher not started")
@@ -241,8 +198,14 @@ class MqttPublisher:
             if self._client is None or not self._connected:
                 # last_error keeps the connection problem itself, which says more than this.
                 raise self._failed(f"not connected to {self._where}", record=False)
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            props = None
+            if expiry_s > 0 and self._v5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.MessageExpiryInterval = expiry_s
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            # NO_CONN at QoS >= 1: the connection dropped before we heard; paho keeps the message and
+            # sends it on reconnect, so its PUBACK is awaited like any other.
+            if info.rc != mqtt.MQTT_ERR_SUCCESS and not (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
                 raise self._failed(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
             if qos > 0:
                 # Registered in the same loop step as publish(): the ack callback runs on this loop, later.
@@ -281,6 +244,7 @@ class MqttPublisher:
                 logger.warning("mqtt: could not publish the offline status: %s", exc)
         self._stopping = True
         self._client = None
+        self._fail_pending("publisher stopped")
         client.disconnect()
         try:
             await wait_for(
@@ -293,30 +257,37 @@ class MqttPublisher:
 
     # ---- loop side of the callbacks ----------------------------------------------------------
 
-    def _set_connected(self) -> None:
+    def _set_connected(self, session_present: bool) -> None:
         if self._stopping:
             return  # a connect that raced stop(): the client is already being torn down
         self._connected = True
         self.stats.connects += 1
+        self.stats.session_present = session_present
         assert self._connected_evt is not None
         self._connected_evt.set()
-        logger.info("mqtt: connected to %s", self._where)
+        logger.info(
+            "mqtt: connected to %s (%s)", self._where, "session resumed" if session_present else "new session"
+        )
 
-    def _set_disconnected(self, reason: str) -> None:
+    def _set_disconnected(self, reason: str, delay: float = 0.0) -> None:
+        # Publishes awaiting a PUBACK keep waiting (bounded by their timeout): paho re-sends them
+        # after the reconnect and their PUBACK resolves them.
         was = self._connected
         self._connected = False
         if self._connected_evt is not None:
             self._connected_evt.clear()
+        if was and not self._stopping:
+            self.stats.last_error = reason
+            logger.warning("mqtt: %s; reconnecting in %.1f s", reason, delay)
+
+    def _fail_pending(self, reason: str) -> None:
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(PublishError(f"{reason} before acknowledgement"))
-        if was and not self._stopping:
-            self.stats.last_error = reason
-            logger.warning("mqtt: %s", reason)
 
-    def _set_error(self, message: str) -> None:
-        if message != self.stats.last_error:
-            logger.warning("mqtt: %s (retrying in the background)", message)
+    def _set_error(self, message: str, delay: float) -> None:
+        level = logging.DEBUG if message == self.stats.last_error else logging.WARNING
+        logger.log(level, "mqtt: %s; retrying in %.1f s", message, delay)
         self.stats.last_error = message
 
     def _acked(self, mid: int, failure: str | None) -> None:
@@ -339,15 +310,26 @@ class MqttPublisher:
         except RuntimeError:  # the loop is closed; nobody is left to tell
             pass
 
+    def _next_delay(self, client: mqtt.Client) -> float:
+        """Set the wait before paho's next reconnect attempt: paho calls a failure callback (connect
+        failed, connection lost) just before each wait, and a delay with min == max is used as is."""
+        delay = backoff_delay(self._failures, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        self._failures += 1
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        return delay
+
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         try:
             if reason_code.is_failure:
-                self._to_loop(self._set_error, f"broker {self._where} refused the connection: {reason_code}")
+                # The broker closes the connection next: on_disconnect reports it with the retry delay.
+                self._refused = f"broker {self._where} refused the connection: {reason_code}"
                 return
+            self._refused = None
+            self._failures = 0
             client.publish(self.status_topic, self._status["online"], qos=1, retain=True)
-            self._to_loop(self._set_connected)
+            self._to_loop(self._set_connected, bool(flags.session_present))
         except Exception:
             logger.exception("mqtt: on_connect failed")
 
@@ -355,7 +337,10 @@ class MqttPublisher:
         try:
             # paho calls this from inside its `except OSError`, so the reason is the handled exception.
             exc = sys.exc_info()[1]
-            self._to_loop(self._set_error, f"cannot connect to {self._where}: {exc or 'connection failed'}")
+            delay = self._next_delay(client)
+            self._to_loop(
+                self._set_error, f"cannot connect to {self._where}: {exc or 'connection failed'}", delay
+            )
         except Exception:
             logger.exception("mqtt: on_connect_fail failed")
 
@@ -363,7 +348,13 @@ class MqttPublisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         try:
-            self._to_loop(self._set_disconnected, f"connection to {self._where} lost: {reason_code}")
+            delay = self._next_delay(client)
+            if self._refused is not None:
+                self._to_loop(self._set_error, self._refused, delay)
+            else:
+                self._to_loop(
+                    self._set_disconnected, f"connection to {self._where} lost: {reason_code}", delay
+                )
         except Exception:
             logger.exception("mqtt: on_disconnect failed")
 

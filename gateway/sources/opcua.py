@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from gateway.latest import BAD_COMMUNICATION_ERROR, BAD_NOT_CONNECTED, LatestVal
 from gateway.sources.nodes import Resolved, parse_node_ref, resolve
 from gateway.sources.security import connect_client, new_client
 from gateway.sources.uabinary import EncodedRead, ReadDecoder
-from gateway.tasks import Pulse, wait_event
+from gateway.tasks import Pulse, backoff_delay, wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -364,10 +363,9 @@ class OpcUaSource:
 
     def _backoff(self) -> float:
         """Capped exponential backoff with jitter, from reconnect_min_s up to reconnect_max_s."""
-        lo, hi = self.cfg.reconnect_min_s, self.cfg.reconnect_max_s
-        cap = min(hi, lo * 2.0 ** min(self._failures, 32))
+        delay = backoff_delay(self._failures, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         self._failures += 1
-        return max(lo, random.uniform(cap / 2.0, cap))
+        return delay
 
     async def _close(self, client: Client, opened: bool) -> None:
         """Close the session politely when it is up, bounded so a stuck server cannot hang us."""

@@ -1,0 +1,106 @@
+"""MQTT topics and payloads: what the gateway publishes, as bytes, independent of the client.
+
+Alarm payload (JSON, schema 1): alarm_id, event_id, event ("raised" | "cleared"), gateway_id, site,
+asset, rule, kind, output, severity, value, threshold, model, model_version,
+first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"; null when the PLC sends no timestamps), decided_at (ISO 8601 UTC, ms, "Z"), schema.
+Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is at least once.
+
+Score payload (only with mqtt.publish_scores): asset, model, model_version, values {name: number},
+window_end_source_ts, decided_at, schema.
+
+Status payload (retained, also the Last Will): state ("online" | "offline"), gateway_id, version,
+started_at, schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from gateway.alarms import AlarmEvent
+from gateway.config import MqttConfig
+
+SCHEMA_VERSION = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def iso_utc_or_none(ns: int) -> str | None:
+    """Like iso_utc, but None for 0, which means the PLC sent no timestamp (not 1970)."""
+    return iso_utc(ns) if ns else None
+
+
+def iso_utc(ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 UTC with milliseconds and 'Z'."""
+    dt = _EPOCH + timedelta(microseconds=ns // 1000)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alarm_topic(cfg: MqttConfig, *, gateway_id: str, event: AlarmEvent) -> str:
+    """The topic an alarm event is published to."""
+    return cfg.alarm_topic.format(
+        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id,
+        asset=event.asset, rule=event.rule, severity=event.severity,
+    )  # fmt: skip
+
+
+def status_topic(cfg: MqttConfig, gateway_id: str) -> str:
+    """The topic of the gateway's retained online/offline status."""
+    return cfg.status_topic.format(prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def alarm_payload(event: AlarmEvent, *, site: str) -> bytes:
+    """The compact JSON for one alarm event (field list in the module docstring)."""
+    return _dumps({
+        "alarm_id": event.alarm_id, "event_id": event.event_id, "event": event.event,
+        "gateway_id": event.gateway_id, "site": site, "asset": event.asset, "rule": event.rule,
+        "kind": event.kind, "output": event.output, "severity": event.severity,
+        "value": _finite(event.value), "threshold": _finite(event.threshold),
+        "model": event.model, "model_version": event.model_version,
+        "first_abnormal_source_ts": iso_utc_or_none(event.first_abnormal_source_ts_ns),
+        "decided_at": iso_utc(event.decided_at_ns), "schema": SCHEMA_VERSION,
+    })  # fmt: skip
+
+
+def score_topic(cfg: MqttConfig, *, gateway_id: str, asset: str, model: str) -> str:
+    """The topic of one asset's per-window model outputs."""
+    return cfg.score_topic.format(
+        prefix=cfg.topic_prefix, site=cfg.site, gateway_id=gateway_id, asset=asset, model=model
+    )
+
+
+def score_payload(
+    *,
+    asset: str,
+    model: str,
+    model_version: str,
+    values: dict[str, float],
+    source_ts_ns: int,
+    decided_at_ns: int,
+) -> bytes:
+    """The compact JSON of one window's model outputs."""
+    return _dumps({
+        "asset": asset, "model": model, "model_version": model_version,
+        "values": {k: _finite(v) for k, v in values.items()},
+        "window_end_source_ts": iso_utc_or_none(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
+        "schema": SCHEMA_VERSION,
+    })  # fmt: skip
+
+
+def status_payload(
+    state: Literal["online", "offline"], *, gateway_id: str, version: str, started_at: str
+) -> bytes:
+    """The compact JSON of the retained status message."""
+    return _dumps({
+        "state": state, "gateway_id": gateway_id, "version": version, "started_at": started_at,
+        "schema": SCHEMA_VERSION,
+    })  # fmt: skip
