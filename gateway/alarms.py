@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -14,28 +14,41 @@ from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 from gateway.manifest import ModelManifest
 
-EventType = Literal["raised", "cleared"]
+# What happened: the process condition began or ended, or an operator or the system acted on the alarm.
+EventType = Literal["raised", "cleared", "acknowledged", "shelved", "unshelved", "suppressed", "unsuppressed"]
+# ISA-18.2 alarm states: normal; active and unacknowledged; active and acknowledged; returned to
+# normal but not yet acknowledged; shelved by an operator (until an expiry); suppressed by design.
+LifecycleState = Literal["normal", "unack", "acked", "rtn_unack", "shelved", "suppressed"]
+ANNUNCIATED: frozenset[str] = frozenset({"unack", "acked"})
+
+
+class CommandError(ValueError):
+    """An operator command that does not apply to the alarm as it stands; nothing was changed."""
 
 
 @dataclass(frozen=True)
 class AlarmEvent:
-    """One transition of one alarm occurrence; `alarm_id` is the same for its raise and its clear."""
+    """One transition of one alarm; `alarm_id` is the same for every transition of one occurrence."""
 
     alarm_id: str
-    event_id: str  # alarm_id + ":" + event; unique per transition, consumers dedupe on it
+    event_id: str  # alarm_id + ":" + seq; unique per transition, consumers dedupe on it
     event: EventType
     gateway_id: str
     asset: str
     rule: str
-    kind: str  # the model's output kind: anomaly_score | class_probabilities | rul
+    kind: str  # the model's output kind: anomaly_score | class_probabilities | rul | system
     output: str  # which model value: score, rul, or a class name
-    severity: str
+    severity: str  # the rule's priority: low | medium | high | critical
     value: float
     threshold: float
     model: str
     model_version: str
     first_abnormal_source_ts_ns: int  # PLC source time of the last sample of the first abnormal window
     decided_at_ns: int  # gateway UTC wall clock when the decision was made
+    state: LifecycleState = "unack"  # the alarm's state after this transition
+    seq: int = 1  # this transition's number within the occurrence, from 1
+    cause: str = "process"  # process, operator:<who>, shelve_expired, design:<why>
+    shelved_until_ns: int = 0  # with state shelved: when the shelve ends by itself (wall clock)
 
 
 @dataclass(frozen=True)
@@ -54,18 +67,32 @@ class AlarmRule:
     kind: str  # the model's output kind
     model_version: str
     assets: frozenset[str]
+    off_delay: int = 1  # consecutive normal windows before an active alarm clears
 
 
 @dataclass(frozen=True)
 class AlarmState:
-    """Where one (rule, asset) pair stands; the idle state is `AlarmState()`."""
+    """Where one (rule, asset) alarm stands; the idle state is `AlarmState()`.
 
-    active: bool = False
-    streak: int = 0  # consecutive abnormal windows while not active
-    first_abnormal_source_ts_ns: int = 0  # source time of the first window of the streak
-    alarm_id: str | None = None  # set while active
+    `abnormal` is the process condition after the on- and off-delays. It is followed while the
+    alarm is shelved or suppressed too, so that unshelving can announce a condition still present.
+    An occurrence (`alarm_id`) begins when the alarm leaves normal and ends when it is normal again.
+    """
+
+    state: LifecycleState = "normal"
+    abnormal: bool = False
+    streak: int = 0  # consecutive windows towards the next change of `abnormal` (on- or off-delay)
+    first_abnormal_source_ts_ns: int = 0  # source time of the first window of the onset streak
+    alarm_id: str | None = None
+    seq: int = 0  # transitions of the occurrence so far
     raised_value: float | None = None
     raised_at_ns: int = 0
+    shelved_until_ns: int = 0  # wall clock ns at which a shelve ends by itself
+
+    @property
+    def active(self) -> bool:
+        """True while the alarm is annunciated: active and not shelved or suppressed."""
+        return self.state in ANNUNCIATED
 
 
 IDLE = AlarmState()
@@ -158,6 +185,7 @@ def build_rules(cfg: GatewayConfig, manifests: Mapping[str, ModelManifest]) -> l
                 low=low,
                 direction=r.direction,
                 on_delay=r.on_delay,
+                off_delay=r.off_delay,
                 severity=r.severity,
                 kind=manifest.output.kind,
                 model_version=manifest.version,
@@ -184,33 +212,40 @@ def evaluate(
     source_ts_ns: int,
     now_ns: int,
 ) -> tuple[AlarmState, AlarmEvent | None]:
-    """One window's value through the rule's on-delay and hysteresis; returns the new state and any event."""
+    """One window's value through the rule's delays and hysteresis and the alarm's lifecycle."""
     if not math.isfinite(value):
         return state, None
     above = rule.direction == "above"
-    if state.active:
-        if (value < rule.low) if above else (value > rule.low):
-            return IDLE, _event(rule, state, "cleared", value, rule.low, gateway_id, asset, now_ns)
-        return state, None
-    if not ((value >= rule.high) if above else (value <= rule.high)):
-        return (IDLE if state.streak else state), None
-    first = state.first_abnormal_source_ts_ns if state.streak else source_ts_ns
-    streak = state.streak + 1
-    if streak < rule.on_delay:
-        return AlarmState(streak=streak, first_abnormal_source_ts_ns=first), None
-    # Without PLC timestamps, the decision time keeps distinct occurrences distinct.
-    alarm_id = alarm_id_for(gateway_id, asset, rule.name, first or now_ns)
-    raised = AlarmState(
-        active=True,
-        first_abnormal_source_ts_ns=first,
-        alarm_id=alarm_id,
-        raised_value=value,
-        raised_at_ns=now_ns,
+    if not state.abnormal:
+        if not ((value >= rule.high) if above else (value <= rule.high)):
+            return (replace(state, streak=0) if state.streak else state), None
+        first = state.first_abnormal_source_ts_ns if state.streak else source_ts_ns
+        if state.streak + 1 < rule.on_delay:
+            return replace(state, streak=state.streak + 1, first_abnormal_source_ts_ns=first), None
+        onset = replace(state, abnormal=True, streak=0, first_abnormal_source_ts_ns=first)
+        if state.state == "normal":
+            # Without PLC timestamps, the decision time keeps distinct occurrences distinct.
+            alarm_id = alarm_id_for(gateway_id, asset, rule.name, first or now_ns)
+            onset = replace(onset, alarm_id=alarm_id, seq=0)
+        elif state.state != "rtn_unack":
+            return onset, None  # shelved or suppressed: followed, not announced
+        # From rtn_unack the occurrence, still unacknowledged, is active again under its id.
+        raised = replace(onset, state="unack", raised_value=value, raised_at_ns=now_ns)
+        return _transition(rule, raised, "raised", value, rule.high, gateway_id, asset, now_ns, "process")
+    if not ((value < rule.low) if above else (value > rule.low)):
+        return (replace(state, streak=0) if state.streak else state), None
+    if state.streak + 1 < rule.off_delay:
+        return replace(state, streak=state.streak + 1), None
+    offset = replace(state, abnormal=False, streak=0)
+    if state.state not in ANNUNCIATED:
+        return offset, None  # shelved or suppressed
+    after: LifecycleState = "rtn_unack" if state.state == "unack" else "normal"
+    return _transition(
+        rule, replace(offset, state=after), "cleared", value, rule.low, gateway_id, asset, now_ns, "process"
     )
-    return raised, _event(rule, raised, "raised", value, rule.high, gateway_id, asset, now_ns)
 
 
-def _event(
+def _transition(
     rule: AlarmRule,
     state: AlarmState,
     event: EventType,
@@ -219,11 +254,14 @@ def _event(
     gateway_id: str,
     asset: str,
     now_ns: int,
-) -> AlarmEvent:
+    cause: str,
+) -> tuple[AlarmState, AlarmEvent]:
+    """The next transition of `state`'s occurrence: the new state (the occurrence over once normal) and its event."""
     assert state.alarm_id is not None
-    return AlarmEvent(
+    seq = state.seq + 1
+    ev = AlarmEvent(
         alarm_id=state.alarm_id,
-        event_id=f"{state.alarm_id}:{event}",
+        event_id=f"{state.alarm_id}:{seq}",
         event=event,
         gateway_id=gateway_id,
         asset=asset,
@@ -237,7 +275,14 @@ def _event(
         model_version=rule.model_version,
         first_abnormal_source_ts_ns=state.first_abnormal_source_ts_ns,
         decided_at_ns=now_ns,
+        state=state.state,
+        seq=seq,
+        cause=cause,
+        shelved_until_ns=state.shelved_until_ns,
     )
+    if state.state == "normal":
+        return AlarmState(), ev
+    return replace(state, seq=seq), ev
 
 
 class AlarmEngine:
@@ -282,6 +327,85 @@ class AlarmEngine:
             if event is not None:
                 events.append(event)
         return events
+
+    def _rule(self, rule: str, asset: str) -> AlarmRule:
+        """The rule called `rule` covering `asset`; CommandError if there is none."""
+        for r in self.rules:
+            if r.name == rule and asset in r.assets:
+                return r
+        raise CommandError(f"no alarm {rule!r} on asset {asset!r}")
+
+    def _operator(
+        self, rule: AlarmRule, asset: str, state: AlarmState, event: EventType, cause: str, now_ns: int
+    ) -> AlarmEvent:
+        """Record an operator or system transition of (rule, asset) to `state`; an occurrence starts if none runs."""
+        if state.alarm_id is None:
+            state = replace(state, alarm_id=alarm_id_for(self.gateway_id, asset, rule.name, now_ns), seq=0)
+        value = state.raised_value if state.raised_value is not None else math.nan
+        new, ev = _transition(rule, state, event, value, rule.high, self.gateway_id, asset, now_ns, cause)
+        self.states[(rule.name, asset)] = new
+        return ev
+
+    def acknowledge(self, alarm_id: str, *, by: str, now_ns: int) -> AlarmEvent:
+        """An operator acknowledges an unacknowledged alarm: active -> acked, returned -> normal."""
+        key = next((k for k, st in self.states.items() if st.alarm_id == alarm_id), None)
+        if key is None:
+            raise CommandError(f"no open alarm with id {alarm_id!r}")
+        (name, asset), state = key, self.states[key]
+        if state.state not in ("unack", "rtn_unack"):
+            raise CommandError(f"alarm {alarm_id} is {state.state}, not unacknowledged")
+        after: LifecycleState = "acked" if state.state == "unack" else "normal"
+        rule = self._rule(name, asset)
+        return self._operator(rule, asset, replace(state, state=after), "acknowledged", f"operator:{by}", now_ns)
+
+    def shelve(self, rule: str, asset: str, *, until_ns: int, by: str, now_ns: int) -> AlarmEvent:
+        """An operator shelves an alarm until `until_ns` (wall clock): it is followed but not announced."""
+        r = self._rule(rule, asset)
+        state = self.states.get((rule, asset), IDLE)
+        if state.state == "suppressed":
+            raise CommandError(f"alarm {rule!r} on {asset!r} is suppressed by design; shelving it changes nothing")
+        if until_ns <= now_ns:
+            raise CommandError("the shelve must end in the future")
+        shelved = replace(state, state="shelved", shelved_until_ns=until_ns)
+        return self._operator(r, asset, shelved, "shelved", f"operator:{by}", now_ns)
+
+    def unshelve(self, rule: str, asset: str, *, by: str, now_ns: int) -> AlarmEvent:
+        """An operator unshelves an alarm: announced again (unacknowledged) if its condition is present."""
+        r = self._rule(rule, asset)
+        state = self.states.get((rule, asset), IDLE)
+        if state.state != "shelved":
+            raise CommandError(f"alarm {rule!r} on {asset!r} is {state.state}, not shelved")
+        return self._operator(r, asset, self._resumed(state), "unshelved", f"operator:{by}", now_ns)
+
+    def expire_shelves(self, now_ns: int) -> list[AlarmEvent]:
+        """Unshelve every alarm whose shelve has run out by `now_ns`."""
+        due = [k for k, st in self.states.items() if st.state == "shelved" and st.shelved_until_ns <= now_ns]
+        return [
+            self._operator(self._rule(*key), key[1], self._resumed(self.states[key]), "unshelved", "shelve_expired", now_ns)
+            for key in sorted(due)
+        ]
+
+    def set_suppressed(self, asset: str, suppressed: bool, *, reason: str, now_ns: int) -> list[AlarmEvent]:
+        """Suppress by design (e.g. the asset is stopped) every alarm of `asset`, or lift the suppression."""
+        events = []
+        for rule in self.rules:
+            # System alarms (comm_loss) are about the gateway's view of the plant, not the machine.
+            if asset not in rule.assets or rule.kind == "system":
+                continue
+            state = self.states.get((rule.name, asset), IDLE)
+            if suppressed and state.state != "suppressed":
+                new = replace(state, state="suppressed", shelved_until_ns=0)
+                events.append(self._operator(rule, asset, new, "suppressed", f"design:{reason}", now_ns))
+            elif not suppressed and state.state == "suppressed":
+                events.append(
+                    self._operator(rule, asset, self._resumed(state), "unsuppressed", f"design:{reason}", now_ns)
+                )
+        return events
+
+    @staticmethod
+    def _resumed(state: AlarmState) -> AlarmState:
+        """Back from shelved or suppressed: unacknowledged if the condition is present, else normal."""
+        return replace(state, state="unack" if state.abnormal else "normal", shelved_until_ns=0)
 
     def active(self) -> list[tuple[AlarmRule, str, AlarmState]]:
         """Active alarms as (rule, asset, state), sorted by rule name and asset."""

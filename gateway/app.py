@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import numpy as np
 
 from gateway import __version__
 from gateway.alarms import (
+    ANNUNCIATED,
     AlarmEngine,
     AlarmEvent,
     AlarmRule,
@@ -25,7 +27,7 @@ from gateway.alarms import (
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
 from gateway.inference.worker import InferenceWorker
-from gateway.latest import LatestValues
+from gateway.latest import LatestValues, is_good
 from gateway.metrics import LatencyReservoir
 from gateway.models import LoadedModel, load_manifests, load_models
 from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
@@ -93,6 +95,8 @@ class Gateway:
         # One table row per channel: a scalar tag has one, an array tag one per element.
         self.latest = LatestValues(sum(len(a.channels) for a in cfg.assets))
         self.samplers: dict[str, AssetSampler] = {}
+        # Per asset with a running tag: its table row, scale, offset and the running threshold.
+        self._running: dict[str, tuple[int, float, float, float]] = {}
         source_tags: dict[str, list[SourceTag]] = {s.name: [] for s in cfg.sources}
         row = 0
         for position, asset in enumerate(cfg.assets):
@@ -100,6 +104,8 @@ class Gateway:
             self.samplers[asset.name] = AssetSampler(asset, rows, self.latest, phase=position)
             for t in asset.tags:
                 source_tags[asset.source].append(SourceTag(row, t.node_id, t.array_length))
+                if asset.running is not None and t.name == asset.running.tag:
+                    self._running[asset.name] = (row, t.scale, t.offset, asset.running.above)
                 row += len(t.channels)
         self.sources: list[OpcUaSource] = [
             (OpcUaSubscriptionSource if s.mode == "subscribe" else OpcUaPollSource)(
@@ -155,7 +161,7 @@ class Gateway:
         self._inference_tasks = [
             sup.spawn(self._infer_loop(m), f"inference:{n}") for n, m in self.models.items()
         ]
-        self._watch_task = sup.spawn(self._watch_sources(), "comm-loss")
+        self._watch_task = sup.spawn(self._watch(), "watch")
         interval = self.cfg.gateway.health_log_interval_s
         self._health_task = sup.spawn(self._log_health(interval), "health-log") if interval > 0 else None
         self._outbox_task = sup.spawn(drain_outbox(self.store, self.publisher, self.outbox_wake), "outbox")
@@ -172,27 +178,32 @@ class Gateway:
         )
 
     async def _restored_alarms(self, rules: list[AlarmRule]) -> dict[tuple[str, str], AlarmState]:
-        """Alarms active at the last stop stay active under their ids, to be cleared, not raised again."""
+        """Alarms open at the last stop keep their state and id: cleared or acknowledged later, never raised again."""
         covered = {(r.name, a) for r in rules for a in r.assets}
         states: dict[tuple[str, str], AlarmState] = {}
-        for alarm in await self.store.active_alarms():
+        for alarm in await self.store.open_alarms():
             if (alarm.rule, alarm.asset) not in covered:
                 logger.warning(
-                    "alarm %s (%s on %s) is active in the store but no configured rule covers it any more",
+                    "alarm %s (%s on %s) is open in the store but no configured rule covers it any more",
                     alarm.alarm_id,
                     alarm.rule,
                     alarm.asset,
                 )
                 continue
+            # One open occurrence per (rule, asset); the newest wins should an older one linger.
             states[(alarm.rule, alarm.asset)] = AlarmState(
-                active=True,
+                state=alarm.state,  # type: ignore[arg-type]
+                # Active means its condition was present; shelved or suppressed ones are judged afresh.
+                abnormal=alarm.state in ANNUNCIATED,
                 alarm_id=alarm.alarm_id,
-                first_abnormal_source_ts_ns=alarm.first_abnormal_source_ts_ns or 0,
+                seq=alarm.seq,
+                first_abnormal_source_ts_ns=alarm.first_abnormal_source_ts_ns,
                 raised_value=alarm.raised_value,
-                raised_at_ns=alarm.raised_at_ns or 0,
+                raised_at_ns=alarm.raised_at_ns,
+                shelved_until_ns=alarm.shelved_until_ns,
             )
         if states:
-            logger.info("restored %d active alarm(s) from %s", len(states), self.cfg.storage.path)
+            logger.info("restored %d open alarm(s) from %s", len(states), self.cfg.storage.path)
         return states
 
     async def run(self, shutdown: asyncio.Event) -> int:
@@ -334,12 +345,20 @@ class Gateway:
             event.threshold,
         )
 
-    async def _watch_sources(self) -> None:
-        """Once a second, feed each source's time without a session to its comm_loss rule."""
+    async def _watch(self) -> None:
+        """Once a second: each source's time without a session to its comm_loss rule, shelves that
+        ran out, and the suppression of assets whose running tag says they are stopped."""
         assert self.engine is not None
         targets = comm_loss_targets(self.cfg)
         down_since: dict[str, int] = {}
         while True:
+            for event in self.engine.expire_shelves(time.time_ns()):
+                await self._emit(event)
+            for asset, stopped in self._stopped_assets():
+                for event in self.engine.set_suppressed(
+                    asset, stopped, reason="stopped" if stopped else "running", now_ns=time.time_ns()
+                ):
+                    await self._emit(event)
             now = time.monotonic_ns()
             for source in self.sources:
                 name = source.cfg.name
@@ -355,6 +374,15 @@ class Gateway:
                     ):
                         await self._emit(event)
             await asyncio.sleep(COMM_LOSS_CHECK_S)
+
+    def _stopped_assets(self) -> list[tuple[str, bool]]:
+        """(asset, stopped) for each asset with a running tag whose value is Good now; others are left as they are."""
+        out = []
+        for asset, (row, scale, offset, above) in self._running.items():
+            value = self.latest.value[row] * scale + offset
+            if is_good(self.latest.status[row : row + 1])[0] and math.isfinite(value):
+                out.append((asset, not value > above))
+        return out
 
     async def _log_health(self, interval_s: float) -> None:
         """One INFO line per source and one for the pipeline every `interval_s`: health in the journal."""

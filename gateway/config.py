@@ -182,6 +182,14 @@ class WindowConfig(_Model):
     hop: Annotated[int, Field(ge=1, le=100_000)]
 
 
+class RunningConfig(_Model):
+    """Which tag says the asset runs: while it does not, the asset's alarms are suppressed by design."""
+
+    tag: Name
+    # Running while the tag's engineering value is above this (e.g. speed in rpm, or 0.5 for a Boolean).
+    above: float = Field(default=0.5, allow_inf_nan=False)
+
+
 class AssetConfig(_Model):
     name: Name
     source: Name
@@ -190,6 +198,7 @@ class AssetConfig(_Model):
     # How long a Bad/NaN tag may hold its last good value before the window is invalid.
     max_gap_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     tags: list[TagConfig] = Field(min_length=1)
+    running: RunningConfig | None = None
 
     @property
     def channels(self) -> list[str]:
@@ -202,6 +211,12 @@ class AssetConfig(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate tag names: {', '.join(dup)}")
+        if self.running is not None:
+            tag = next((t for t in self.tags if t.name == self.running.tag), None)
+            if tag is None:
+                raise ValueError(f"running.tag {self.running.tag!r} is not a tag of this asset")
+            if tag.array_length is not None:
+                raise ValueError(f"running.tag {self.running.tag!r} is an array; it must be a scalar")
         return self
 
 
@@ -224,7 +239,9 @@ class AlarmRuleConfig(_Model):
     low: float | None = Field(default=None, allow_inf_nan=False)
     direction: Literal["above", "below"] = "above"
     on_delay: Annotated[int, Field(ge=1, le=10_000)] = 1
-    severity: Severity = "high"
+    # Consecutive normal windows before an active alarm clears (chattering values stay one alarm).
+    off_delay: Annotated[int, Field(ge=1, le=10_000)] = 1
+    severity: Severity = "high"  # the alarm's priority
     assets: list[Name] | None = None
 
 

@@ -31,43 +31,50 @@ from gateway.tasks import wait_for
 logger = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("ts_ns", "asset", "model", "model_version", "output", "value")
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 
 _EVENT_COLUMNS = (
     "event_id", "alarm_id", "event", "gateway_id", "asset", "rule", "kind", "output", "severity",
     "value", "threshold", "model", "model_version", "first_abnormal_source_ts_ns", "decided_at_ns",
-    "topic", "payload", "qos", "stored_at_ns",
+    "state", "event_seq", "cause", "topic", "payload", "qos", "stored_at_ns",
 )  # fmt: skip
 _INSERT_EVENT = (
     f"INSERT OR IGNORE INTO alarm_events ({', '.join(_EVENT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
 )
-_INSERT_RAISED = """
-INSERT OR IGNORE INTO alarms (alarm_id, asset, rule, kind, output, severity, model, model_version,
-    state, raised_value, raised_threshold, first_abnormal_source_ts_ns, raised_at_ns)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)
-"""
-# A clear normally updates the row its raise created; the insert branch only keeps a lone clear visible.
-_UPSERT_CLEARED = """
+# One row per alarm occurrence, carrying its newest state; a transition stored out of order (a
+# replay) never moves it back, since the row keeps the highest sequence number.
+_UPSERT_ALARM = """
 INSERT INTO alarms (alarm_id, asset, rule, kind, output, severity, model, model_version,
-    state, first_abnormal_source_ts_ns, cleared_at_ns, cleared_value)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'cleared', ?, ?, ?)
+    state, seq, first_abnormal_source_ts_ns, shelved_until_ns, updated_at_ns)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(alarm_id) DO UPDATE SET
-    state = 'cleared', cleared_at_ns = excluded.cleared_at_ns, cleared_value = excluded.cleared_value
+    state = excluded.state, seq = excluded.seq, shelved_until_ns = excluded.shelved_until_ns,
+    updated_at_ns = excluded.updated_at_ns
+WHERE excluded.seq > alarms.seq
 """
+_SET_RAISED = """
+UPDATE alarms SET raised_value = ?, raised_threshold = ?, raised_at_ns = ?, first_abnormal_source_ts_ns = ?
+WHERE alarm_id = ?
+"""
+_SET_CLEARED = "UPDATE alarms SET cleared_at_ns = ?, cleared_value = ? WHERE alarm_id = ?"
+_SET_ACKED = "UPDATE alarms SET acked_at_ns = ?, acked_by = ? WHERE alarm_id = ?"
 
 
-class ActiveAlarm(NamedTuple):
-    """An alarm whose last stored transition is `raised`."""
+class OpenAlarm(NamedTuple):
+    """An alarm occurrence not yet back to normal (active, unacknowledged, shelved or suppressed)."""
 
     alarm_id: str
     asset: str
     rule: str
+    state: str
+    seq: int
     first_abnormal_source_ts_ns: int
-    raised_value: float
+    raised_value: float | None
     raised_at_ns: int
+    shelved_until_ns: int
 
 
 class OutboxMessage(NamedTuple):
@@ -185,15 +192,16 @@ class Store:
 
         return await self._submit_read(read)
 
-    async def active_alarms(self) -> list[ActiveAlarm]:
-        """Alarms still active when the gateway last stopped, so a restart neither forgets nor repeats them."""
+    async def open_alarms(self) -> list[OpenAlarm]:
+        """Alarms not back to normal when the gateway last stopped, so a restart neither forgets nor repeats them."""
 
-        def read(db: Database) -> list[ActiveAlarm]:
+        def read(db: Database) -> list[OpenAlarm]:
             cur = db.execute(
-                "SELECT alarm_id, asset, rule, first_abnormal_source_ts_ns, raised_value, raised_at_ns "
-                "FROM alarms WHERE state = 'active'"
+                "SELECT alarm_id, asset, rule, state, seq, coalesce(first_abnormal_source_ts_ns, 0), "
+                "raised_value, coalesce(raised_at_ns, 0), coalesce(shelved_until_ns, 0) "
+                "FROM alarms WHERE state != 'normal' ORDER BY updated_at_ns"
             )
-            return [ActiveAlarm(*r) for r in cur.fetchall()]
+            return [OpenAlarm(*r) for r in cur.fetchall()]
 
         return await self._submit_read(read)
 
@@ -397,17 +405,20 @@ def _write_event(db: Database, item: _PendingEvent, now: int) -> bool:
     cur = db.execute(_INSERT_EVENT, [
         e.event_id, e.alarm_id, e.event, e.gateway_id, e.asset, e.rule, e.kind, e.output, e.severity,
         e.value, e.threshold, e.model, e.model_version, e.first_abnormal_source_ts_ns, e.decided_at_ns,
-        item.topic, item.payload, item.qos, now,
+        e.state, e.seq, e.cause, item.topic, item.payload, item.qos, now,
     ])  # fmt: skip
     if cur.rowcount == 0:
         return False  # a duplicate event id (e.g. replayed after a restart) must not touch its alarm again
-    ident = [e.alarm_id, e.asset, e.rule, e.kind, e.output, e.severity, e.model, e.model_version]
+    db.execute(_UPSERT_ALARM, [
+        e.alarm_id, e.asset, e.rule, e.kind, e.output, e.severity, e.model, e.model_version,
+        e.state, e.seq, e.first_abnormal_source_ts_ns, e.shelved_until_ns, e.decided_at_ns,
+    ])  # fmt: skip
     if e.event == "raised":
-        db.execute(
-            _INSERT_RAISED, [*ident, e.value, e.threshold, e.first_abnormal_source_ts_ns, e.decided_at_ns]
-        )
-    else:
-        db.execute(_UPSERT_CLEARED, [*ident, e.first_abnormal_source_ts_ns, e.decided_at_ns, e.value])
+        db.execute(_SET_RAISED, [e.value, e.threshold, e.decided_at_ns, e.first_abnormal_source_ts_ns, e.alarm_id])
+    elif e.event == "cleared":
+        db.execute(_SET_CLEARED, [e.decided_at_ns, e.value, e.alarm_id])
+    elif e.event == "acknowledged":
+        db.execute(_SET_ACKED, [e.decided_at_ns, e.cause, e.alarm_id])
     return True
 
 
@@ -423,6 +434,7 @@ def _create_schema(db: Database) -> None:
                 "seq": int, "event_id": str, "alarm_id": str, "event": str, "gateway_id": str, "asset": str,
                 "rule": str, "kind": str, "output": str, "severity": str, "value": float, "threshold": float,
                 "model": str, "model_version": str, "first_abnormal_source_ts_ns": int, "decided_at_ns": int,
+                "state": str, "event_seq": int, "cause": str,
                 "topic": str, "payload": bytes, "qos": int, "stored_at_ns": int, "published_at_ns": int,
             },
             # An explicit INTEGER PRIMARY KEY keeps insertion order stable across VACUUM.
@@ -438,15 +450,42 @@ def _create_schema(db: Database) -> None:
         db.table("alarms").create(
             {
                 "alarm_id": str, "asset": str, "rule": str, "kind": str, "output": str, "severity": str,
-                "model": str, "model_version": str, "state": str, "raised_value": float,
+                "model": str, "model_version": str, "state": str, "seq": int, "raised_value": float,
                 "raised_threshold": float, "first_abnormal_source_ts_ns": int, "raised_at_ns": int,
-                "cleared_at_ns": int, "cleared_value": float,
+                "cleared_at_ns": int, "cleared_value": float, "acked_at_ns": int, "acked_by": str,
+                "shelved_until_ns": int, "updated_at_ns": int,
             },
             pk="alarm_id",
             not_null={"state"},
             if_not_exists=True,
         )  # fmt: skip
+        _migrate(db)
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
+# Columns added by schema 2 (the alarm lifecycle); a schema-1 file gets them, and its states renamed.
+_ADDED_IN_2 = {
+    "alarm_events": {"state": str, "event_seq": int, "cause": str},
+    "alarms": {"seq": int, "acked_at_ns": int, "acked_by": str, "shelved_until_ns": int, "updated_at_ns": int},
+}
+
+
+def _migrate(db: Database) -> None:
+    """Bring a file written by an older gateway up to this schema, keeping every row."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= _SCHEMA_VERSION:
+        return
+    for table, columns in _ADDED_IN_2.items():
+        have = set(db[table].columns_dict)
+        for name, kind in columns.items():
+            if name not in have:
+                db[table].add_column(name, kind)
+    # Schema 1 knew active and cleared; nobody could acknowledge, so an active alarm is unacknowledged.
+    db.execute(
+        "UPDATE alarms SET state = CASE state WHEN 'active' THEN 'unack' ELSE 'normal' END, "
+        "seq = CASE state WHEN 'active' THEN 1 ELSE 2 END, updated_at_ns = coalesce(cleared_at_ns, raised_at_ns) "
+        "WHERE state IN ('active', 'cleared')"
+    )
 
 
 @contextmanager

@@ -42,13 +42,14 @@ def amqtt_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 def make_event(
     n: int, event: EventType = "raised", *, asset: str = "pump01", value: float = 2.5
 ) -> AlarmEvent:
-    """Alarm occurrence `n`'s raise or clear, with fixed, recognisable field values."""
+    """Alarm occurrence `n`'s raise (transition 1) or clear (2, nobody acknowledged), with recognisable values."""
     alarm_id = f"gw01-{asset}-hi-{n}"
+    seq = 1 if event == "raised" else 2
     return AlarmEvent(
-        alarm_id=alarm_id, event_id=f"{alarm_id}:{event}", event=event, gateway_id="gw01", asset=asset,
+        alarm_id=alarm_id, event_id=f"{alarm_id}:{seq}", event=event, gateway_id="gw01", asset=asset,
         rule="hi", kind="anomaly_score", output="score", severity="high", value=value, threshold=1.0,
         model="ae", model_version="1.2.0", first_abnormal_source_ts_ns=1_700_000_000_123_456_789 + n,
-        decided_at_ns=1_700_000_001_000_000_000 + n,
+        decided_at_ns=1_700_000_001_000_000_000 + n, state="unack" if event == "raised" else "rtn_unack", seq=seq,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-from gateway.alarms import AlarmEngine, AlarmEvent, AlarmRule, AlarmState, build_rules, evaluate
+from gateway.alarms import AlarmEngine, AlarmEvent, AlarmRule, AlarmState, CommandError, build_rules, evaluate
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 from gateway.manifest import ModelManifest
@@ -22,6 +22,7 @@ def _rule(
     low: float = 0.6,
     direction: Literal["above", "below"] = "above",
     on_delay: int = 1,
+    off_delay: int = 1,
     name: str = "bearing",
     value_index: int = 0,
     assets: frozenset[str] = frozenset({"P-101"}),
@@ -39,6 +40,7 @@ def _rule(
         kind="anomaly_score",
         model_version="1.2.0",
         assets=assets,
+        off_delay=off_delay,
     )
 
 
@@ -69,7 +71,8 @@ def test_on_delay_needs_consecutive_abnormal_windows() -> None:
     # The streak that led to the raise began at window 4 (source ts 4000).
     assert raised.first_abnormal_source_ts_ns == 4000
     assert (raised.value, raised.threshold, raised.decided_at_ns) == (0.95, 0.8, 10**9 + 5)
-    assert raised.event_id == f"{raised.alarm_id}:raised"
+    assert raised.event_id == f"{raised.alarm_id}:1"
+    assert (raised.state, raised.seq, raised.cause) == ("unack", 1, "process")
     assert (raised.rule, raised.asset, raised.gateway_id, raised.model, raised.model_version) == (
         "bearing",
         "P-101",
@@ -85,9 +88,10 @@ def test_hysteresis_band_neither_raises_nor_clears() -> None:
     assert events == []
     state, events = _run(rule, [0.8, 0.7, 0.79, 0.6, 0.61, 0.59])
     assert [(e.event, e.value, e.threshold) for e in events] == [("raised", 0.8, 0.8), ("cleared", 0.59, 0.6)]
-    assert state == AlarmState()
+    # Nobody acknowledged it: it returned to normal but stays open, unacknowledged, under its id.
+    assert (state.state, state.abnormal, state.alarm_id) == ("rtn_unack", False, events[0].alarm_id)
     assert events[0].alarm_id == events[1].alarm_id
-    assert events[1].event_id == f"{events[0].alarm_id}:cleared"
+    assert (events[1].event_id, events[1].state) == (f"{events[0].alarm_id}:2", "rtn_unack")
     assert events[1].first_abnormal_source_ts_ns == events[0].first_abnormal_source_ts_ns == 1000
 
 
@@ -117,9 +121,22 @@ def test_alarm_ids_are_stable_and_distinct_per_occurrence() -> None:
     _, first = _run(rule, [0.9, 0.1])
     _, again = _run(rule, [0.9, 0.1])
     assert [e.event_id for e in first] == [e.event_id for e in again]
+    # Active again before anyone acknowledged it: the same occurrence, its transitions numbered on.
     _, two = _run(rule, [0.9, 0.1, 0.9, 0.1])
-    assert two[0].alarm_id == first[0].alarm_id
-    assert two[2].alarm_id == two[3].alarm_id != two[0].alarm_id
+    assert {e.alarm_id for e in two} == {first[0].alarm_id}
+    assert [(e.event, e.seq, e.state) for e in two] == [
+        ("raised", 1, "unack"),
+        ("cleared", 2, "rtn_unack"),
+        ("raised", 3, "unack"),
+        ("cleared", 4, "rtn_unack"),
+    ]
+    # Once acknowledged and back to normal, the next activation is a new occurrence.
+    engine = AlarmEngine([rule], gateway_id=GW)
+    (raised,) = engine.decide("pump_ae", "P-101", np.array([0.9]), source_ts_ns=1000, now_ns=1)
+    engine.decide("pump_ae", "P-101", np.array([0.1]), source_ts_ns=2000, now_ns=2)
+    engine.acknowledge(raised.alarm_id, by="op", now_ns=3)
+    (again,) = engine.decide("pump_ae", "P-101", np.array([0.9]), source_ts_ns=4000, now_ns=4)
+    assert again.alarm_id != raised.alarm_id and again.seq == 1
     other_asset, _ = evaluate(
         rule, AlarmState(), 0.9, gateway_id=GW, asset="P-102", source_ts_ns=1000, now_ns=1
     )
@@ -158,6 +175,102 @@ def test_engine_restored_state_clears_under_the_original_id() -> None:
     (cleared,) = restarted.decide("pump_ae", "P-101", np.array([0.1]), source_ts_ns=30, now_ns=40)
     assert cleared.event == "cleared" and cleared.alarm_id == raised.alarm_id
     assert restarted.active() == []
+
+
+def _engine(**rule: Any) -> tuple[AlarmEngine, AlarmEvent]:
+    """An engine whose bearing alarm on P-101 has just been raised (at now_ns 1)."""
+    engine = AlarmEngine([_rule(**rule)], gateway_id=GW)
+    (raised,) = engine.decide("pump_ae", "P-101", np.array([0.9]), source_ts_ns=1000, now_ns=1)
+    return engine, raised
+
+
+def _feed(engine: AlarmEngine, value: float, now_ns: int) -> list[AlarmEvent]:
+    return engine.decide("pump_ae", "P-101", np.array([value]), source_ts_ns=now_ns * 1000, now_ns=now_ns)
+
+
+def test_acknowledge_then_clear_ends_the_occurrence() -> None:
+    engine, raised = _engine()
+    ack = engine.acknowledge(raised.alarm_id, by="alice", now_ns=2)
+    assert (ack.event, ack.state, ack.seq, ack.cause) == ("acknowledged", "acked", 2, "operator:alice")
+    assert ack.event_id == f"{raised.alarm_id}:2"
+    assert engine.active()[0][2].state == "acked"
+    (cleared,) = _feed(engine, 0.1, 3)
+    assert (cleared.event, cleared.state, cleared.seq) == ("cleared", "normal", 3)
+    assert engine.states[("bearing", "P-101")] == AlarmState() and engine.active() == []
+    with pytest.raises(CommandError, match="no open alarm"):
+        engine.acknowledge(raised.alarm_id, by="alice", now_ns=4)
+
+
+def test_acknowledging_a_returned_alarm_makes_it_normal_and_twice_is_refused() -> None:
+    engine, raised = _engine()
+    (cleared,) = _feed(engine, 0.1, 2)
+    assert cleared.state == "rtn_unack" and engine.active() == []
+    ack = engine.acknowledge(raised.alarm_id, by="bob", now_ns=3)
+    assert (ack.event, ack.state, ack.seq) == ("acknowledged", "normal", 3)
+    engine2, raised2 = _engine()
+    engine2.acknowledge(raised2.alarm_id, by="bob", now_ns=2)
+    with pytest.raises(CommandError, match="is acked, not unacknowledged"):
+        engine2.acknowledge(raised2.alarm_id, by="bob", now_ns=3)
+
+
+def test_off_delay_needs_consecutive_normal_windows() -> None:
+    engine, _ = _engine(off_delay=3)
+    assert _feed(engine, 0.1, 2) == [] and _feed(engine, 0.1, 3) == []
+    assert _feed(engine, 0.9, 4) == []  # abnormal again: the count starts over
+    assert _feed(engine, 0.1, 5) == [] and _feed(engine, 0.1, 6) == []
+    (cleared,) = _feed(engine, 0.1, 7)
+    assert cleared.event == "cleared" and cleared.decided_at_ns == 7
+
+
+def test_shelved_alarm_is_followed_silently_and_announced_again_on_expiry() -> None:
+    engine, raised = _engine()
+    shelve = engine.shelve("bearing", "P-101", until_ns=100, by="carol", now_ns=2)
+    assert (shelve.event, shelve.state, shelve.alarm_id, shelve.cause) == (
+        "shelved",
+        "shelved",
+        raised.alarm_id,
+        "operator:carol",
+    )
+    assert engine.active() == []
+    assert _feed(engine, 0.1, 3) == [] and _feed(engine, 0.9, 4) == []  # no events while shelved
+    assert engine.expire_shelves(99) == []
+    (back,) = engine.expire_shelves(100)
+    # The condition is present when the shelve ends: announced again, to be acknowledged.
+    assert (back.event, back.state, back.cause, back.alarm_id) == (
+        "unshelved",
+        "unack",
+        "shelve_expired",
+        raised.alarm_id,
+    )
+    assert [e.seq for e in (raised, shelve, back)] == [1, 2, 3]
+
+
+def test_unshelving_a_normal_alarm_returns_it_to_normal_and_commands_are_checked() -> None:
+    engine = AlarmEngine([_rule()], gateway_id=GW)
+    shelve = engine.shelve("bearing", "P-101", until_ns=50, by="dan", now_ns=1)
+    assert shelve.state == "shelved" and shelve.seq == 1  # shelving a quiet alarm opens an occurrence
+    back = engine.unshelve("bearing", "P-101", by="dan", now_ns=2)
+    assert (back.event, back.state, back.alarm_id) == ("unshelved", "normal", shelve.alarm_id)
+    assert engine.states.get(("bearing", "P-101"), AlarmState()) == AlarmState()
+    with pytest.raises(CommandError, match="not shelved"):
+        engine.unshelve("bearing", "P-101", by="dan", now_ns=3)
+    with pytest.raises(CommandError, match="in the future"):
+        engine.shelve("bearing", "P-101", until_ns=3, by="dan", now_ns=3)
+    with pytest.raises(CommandError, match="no alarm 'bearing' on asset 'P-999'"):
+        engine.shelve("bearing", "P-999", until_ns=30, by="dan", now_ns=3)
+
+
+def test_suppression_by_design_hides_the_alarm_until_lifted() -> None:
+    engine, raised = _engine()
+    (sup,) = engine.set_suppressed("P-101", True, reason="stopped", now_ns=2)
+    assert (sup.event, sup.state, sup.cause) == ("suppressed", "suppressed", "design:stopped")
+    assert engine.set_suppressed("P-101", True, reason="stopped", now_ns=3) == []  # already suppressed
+    assert _feed(engine, 0.1, 4) == []  # the condition ends while suppressed: followed, not announced
+    with pytest.raises(CommandError, match="suppressed by design"):
+        engine.shelve("bearing", "P-101", until_ns=99, by="eve", now_ns=5)
+    (lifted,) = engine.set_suppressed("P-101", False, reason="running", now_ns=6)
+    assert (lifted.event, lifted.state, lifted.alarm_id) == ("unsuppressed", "normal", raised.alarm_id)
+    assert engine.active() == []
 
 
 def _manifest(name: str, kind: str, **extra: Any) -> ModelManifest:

@@ -158,3 +158,11 @@ def test_source_scope_comm_loss_must_not_share_a_name_with_an_asset(tmp_path: Pa
     assert ":4 sources[0].comm_loss.scope: scope source publishes under the source name" in msg
     # Per asset (the default), the same names are fine.
     assert load_config(write(tmp_path, VALID.replace("name: pump01", "name: plc1"))).assets[0].name == "plc1"
+
+
+def test_running_tag_must_be_a_scalar_tag_of_the_asset(tmp_path: Path) -> None:
+    text = VALID.replace("    window: {length: 32, hop: 5}\n", "    window: {length: 32, hop: 5}\n    running: {tag: speed}\n")
+    [msg] = problems(tmp_path, text)
+    assert "assets[0]: Value error, running.tag 'speed' is not a tag of this asset" in msg
+    ok = VALID.replace("    window: {length: 32, hop: 5}\n", "    window: {length: 32, hop: 5}\n    running: {tag: temperature, above: 5}\n")
+    assert load_config(write(tmp_path, ok)).assets[0].running.above == 5.0  # type: ignore[union-attr]

@@ -9,6 +9,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from asyncua import ua
+
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.demo.run import demo_config, write_config
@@ -17,6 +19,7 @@ from gateway.store import Store
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_gateway import running_gateway
 from tests.fixtures_mqtt import Subscriber, make_event
+from tests.fixtures_opcua import STILL, running_simulator
 
 FAULT_PUMP = "pump02"
 
@@ -67,7 +70,7 @@ def test_fault_alarm_reaches_mqtt_and_sqlite_healthy_pumps_stay_quiet(tmp_path: 
     assert alarm["value"] >= alarm["threshold"]
     assert alarm["kind"] == "anomaly_score" and alarm["output"] == "score"
     assert alarm["gateway_id"] == "demo-gw" and alarm["site"] == "demo"
-    assert alarm["event_id"] == f"{alarm['alarm_id']}:raised"
+    assert alarm["event_id"] == f"{alarm['alarm_id']}:1" and (alarm["state"], alarm["seq"]) == ("unack", 1)
     assert alarm["first_abnormal_source_ts"].endswith("Z") and alarm["decided_at"].endswith("Z")
 
     # The Bad pressure sensor and the NaN flow sensor were skipped, not inferred, and counted.
@@ -112,7 +115,49 @@ def test_alarm_active_at_stop_is_restored_and_clears_under_its_id(tmp_path: Path
 
     messages, gateway = asyncio.run(scenario())
     # pump01 is healthy: the restored alarm clears, under the id it was raised with, and nothing is raised.
-    assert [(m["event"], m["alarm_id"]) for m in messages] == [("cleared", raised.alarm_id)]
+    # Nobody acknowledged it, so it returns to normal unacknowledged: transition 2 of the occurrence.
+    assert [(m["event"], m["alarm_id"], m["seq"], m["state"]) for m in messages] == [
+        ("cleared", raised.alarm_id, 2, "rtn_unack")
+    ]
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        state = conn.execute("select state from alarms where alarm_id = ?", [raised.alarm_id]).fetchone()
-    assert state == ("cleared",)
+        row = conn.execute("select state, seq from alarms where alarm_id = ?", [raised.alarm_id]).fetchone()
+    assert row == ("rtn_unack", 2)
+
+
+def test_a_stopped_asset_suppresses_its_alarms_by_design_and_the_state_survives_a_restart(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    raw = demo_config(opc_port=free_port(), mqtt_port=mosquitto.port, db_path=tmp_path / "gw.db", pumps=1)
+    raw["assets"][0]["running"] = {"tag": "speed", "above": 100.0}
+    raw["sources"][0]["comm_loss"] = {"enabled": False}
+    cfg = load_config(write_config(raw, tmp_path / "c.yaml"))
+    speed = ua.NodeId("pump01.speed", 2)
+
+    async def write_speed(sim: PlcSimulator, rpm: float) -> None:
+        assert sim.server is not None
+        await sim.server.write_attribute_value(speed, ua.DataValue(ua.Variant(rpm, ua.VariantType.Double)))
+
+    def events(sub: Subscriber) -> list[tuple[str, str, str]]:
+        return [(p["event"], p["state"], p["cause"]) for p in map(json.loads, (m.payload for m in sub.messages))]
+
+    async def scenario() -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        port = int(raw["sources"][0]["endpoint"].rsplit(":", 1)[1].strip("/"))
+        with Subscriber(mosquitto.port, "edge/demo/pump01/alarm") as sub:
+            async with running_simulator(port, n_pumps=1, **STILL) as sim:
+                async with running_gateway(cfg) as run:
+                    await wait_for_condition(lambda: run.gateway.counters.windows_inferred > 0 or run.stopped(), 60, "windows")
+                    await write_speed(sim, 0.0)  # the pump stops
+                    await wait_for_condition(lambda: len(sub.messages) >= 1 or run.stopped(), 60, "suppressed")
+                assert run.code == 0
+                first = events(sub)
+                # Restarted while stopped: the alarm stays suppressed, nothing is announced again.
+                async with running_gateway(cfg) as run:
+                    await wait_for_condition(lambda: run.gateway.counters.windows_inferred > 0 or run.stopped(), 60, "windows")
+                    assert run.gateway.engine is not None
+                    state = run.gateway.engine.states[("bearing_anomaly", "pump01")]
+                    await write_speed(sim, 1480.0)  # it runs again
+                    await wait_for_condition(lambda: len(sub.messages) >= 2 or run.stopped(), 60, "unsuppressed")
+                assert run.code == 0 and state.state == "suppressed"
+            return first, events(sub)
+
+    first, both = asyncio.run(scenario())
+    assert first == [("suppressed", "suppressed", "design:stopped")]
+    assert both == [*first, ("unsuppressed", "normal", "design:running")]

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is n
 
 ALARM_FIELDS = {
     "alarm_id", "event_id", "event", "gateway_id", "site", "asset", "rule", "kind", "output", "severity",
-    "value", "threshold", "model", "model_version", "first_abnormal_source_ts", "decided_at", "schema",
+    "value", "threshold", "model", "model_version", "first_abnormal_source_ts", "decided_at", "state", "seq",
+    "cause", "shelved_until", "schema",
 }  # fmt: skip
 
 
@@ -64,7 +65,7 @@ def test_alarm_arrives_at_qos1_with_documented_fields(
     body = json.loads(msg.payload)
     assert set(body) == ALARM_FIELDS
     assert body["event_id"] == event.event_id and body["event"] == "raised" and body["site"] == "plant1"
-    assert body["value"] == 2.5 and body["threshold"] == 1.0 and body["schema"] == 1
+    assert body["value"] == 2.5 and body["threshold"] == 1.0 and body["schema"] == 2
     assert body["first_abnormal_source_ts"] == "2023-11-14T22:13:20.123Z"
     assert body["decided_at"] == "2023-11-14T22:13:21.000Z"
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import OutboxMessage, Store
+from gateway.store import OpenAlarm, OutboxMessage, Store
 from tests.conftest import wait_for_condition
 from tests.fixtures_mqtt import make_event
 
@@ -46,7 +47,7 @@ def test_events_pending_in_order_until_marked_published(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     assert _sql(db, "SELECT count(*) FROM alarm_events WHERE published_at_ns IS NOT NULL") == [(2,)]
     alarms = dict(_sql(db, "SELECT alarm_id, state FROM alarms"))
-    assert alarms == {make_event(n).alarm_id: s for n, s in ((1, "cleared"), (2, "active"), (3, "active"))}
+    assert alarms == {make_event(n).alarm_id: s for n, s in ((1, "rtn_unack"), (2, "unack"), (3, "unack"))}
     assert _sql(db, "PRAGMA integrity_check") == [("ok",)]
     assert _sql(db, "PRAGMA journal_mode") == [("wal",)]
 
@@ -84,7 +85,7 @@ def test_unpublished_events_survive_a_restart_and_replays_are_ignored(tmp_path: 
     row = _sql(
         path, "SELECT state, raised_value, cleared_value FROM alarms WHERE alarm_id = 'gw01-pump01-hi-1'"
     )
-    assert row == [("cleared", 2.5, 0.1)]
+    assert row == [("rtn_unack", 2.5, 0.1)]
 
 
 def test_scores_queued_during_a_busy_commit_are_written_in_one_batch(tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_failed_commits_keep_alarm_events_and_drop_scores(tmp_path: Path) -> Non
         await store.stop()
 
     asyncio.run(main())
-    assert _sql(path, "SELECT state FROM alarms") == [("active",)]
+    assert _sql(path, "SELECT state FROM alarms") == [("unack",)]
     assert _sql(path, "SELECT count(*) FROM scores") == [(0,)]
     assert _sql(path, "PRAGMA integrity_check") == [("ok",)]
 
@@ -178,3 +179,51 @@ def test_unusable_paths_raise_store_error(tmp_path: Path) -> None:
     unwritable = asyncio.run(open_fails(not_a_dir / "g.db"))
     assert "unable to open database file" in unwritable and "\n" not in unwritable
     assert "not a database" in asyncio.run(open_fails(corrupt))
+
+
+def test_open_alarms_keep_their_newest_state_and_a_schema_1_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    # A file as the schema-1 gateway left it: one active and one cleared alarm, and their events.
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(_SCHEMA_1)
+    raised, cleared = make_event(3), make_event(3, "cleared", value=0.1)
+
+    async def main() -> list[OpenAlarm]:
+        store = Store(path)
+        await store.start()
+        await store.add_alarm_event(raised, "t", b"r3")
+        await store.add_alarm_event(cleared, "t", b"c3")
+        await store.add_alarm_event(raised, "t", b"r3-replayed")  # ignored: the row keeps seq 2
+        opened = await store.open_alarms()
+        await store.stop()
+        return opened
+
+    opened = asyncio.run(main())
+    by_id = {a.alarm_id: a for a in opened}
+    assert set(by_id) == {"old-active", raised.alarm_id}  # old-cleared is normal now
+    assert (by_id["old-active"].state, by_id["old-active"].seq, by_id["old-active"].raised_value) == ("unack", 1, 4.0)
+    assert (by_id[raised.alarm_id].state, by_id[raised.alarm_id].seq) == ("rtn_unack", 2)
+    assert _sql(path, "PRAGMA user_version") == [(2,)]
+    assert _sql(path, "SELECT state, seq FROM alarms WHERE alarm_id = 'old-cleared'") == [("normal", 2)]
+    assert _sql(path, "SELECT count(*) FROM alarm_events") == [(4,)]
+
+
+_SCHEMA_1 = """
+CREATE TABLE scores (ts_ns INTEGER, asset TEXT, model TEXT, model_version TEXT, output TEXT, value FLOAT);
+CREATE TABLE alarm_events (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, alarm_id TEXT NOT NULL,
+    event TEXT NOT NULL, gateway_id TEXT, asset TEXT, rule TEXT, kind TEXT, output TEXT, severity TEXT,
+    value FLOAT, threshold FLOAT, model TEXT, model_version TEXT, first_abnormal_source_ts_ns INTEGER,
+    decided_at_ns INTEGER, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+    stored_at_ns INTEGER, published_at_ns INTEGER);
+CREATE UNIQUE INDEX idx_alarm_events_event_id ON alarm_events (event_id);
+CREATE TABLE alarms (alarm_id TEXT PRIMARY KEY, asset TEXT, rule TEXT, kind TEXT, output TEXT,
+    severity TEXT, model TEXT, model_version TEXT, state TEXT NOT NULL, raised_value FLOAT,
+    raised_threshold FLOAT, first_abnormal_source_ts_ns INTEGER, raised_at_ns INTEGER,
+    cleared_at_ns INTEGER, cleared_value FLOAT);
+INSERT INTO alarms (alarm_id, asset, rule, state, raised_value, raised_at_ns)
+    VALUES ('old-active', 'pump01', 'hi', 'active', 4.0, 10), ('old-cleared', 'pump02', 'hi', 'cleared', 3.0, 5);
+INSERT INTO alarm_events (event_id, alarm_id, event, topic, payload, qos)
+    VALUES ('old-active:raised', 'old-active', 'raised', 't', x'7b7d', 1),
+           ('old-cleared:raised', 'old-cleared', 'raised', 't', x'7b7d', 1);
+PRAGMA user_version = 1;
+"""

@@ -1,14 +1,16 @@
 """MQTT topics and payloads: what the gateway publishes, as bytes, independent of the client.
 
-Alarm payload (JSON, schema 1): alarm_id, event_id, event ("raised" | "cleared"), gateway_id, site,
-asset, rule, kind, output, severity, value, threshold, model, model_version,
-first_abnormal_source_ts (ISO 8601 UTC, ms, "Z"; null when the PLC sends no timestamps), decided_at (ISO 8601 UTC, ms, "Z"), schema.
+Alarm payload (JSON, schema 2): alarm_id, event_id (alarm_id:seq), event (raised, cleared,
+acknowledged, shelved, unshelved, suppressed, unsuppressed), gateway_id, site, asset, rule, kind,
+output, severity, value, threshold, model, model_version, first_abnormal_source_ts (ISO 8601 UTC,
+ms, "Z"; null when the PLC sends no timestamps), decided_at, state (after the transition), seq,
+cause, shelved_until (or null), schema.
 Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is at least once.
 
-Score payload (only with mqtt.publish_scores): asset, model, model_version, values {name: number},
+Score payload (only with mqtt.publish_scores; schema 1): asset, model, model_version, values {name: number},
 window_end_source_ts, decided_at, schema.
 
-Status payload (retained, also the Last Will): state ("online" | "offline"), gateway_id, version,
+Status payload (retained, also the Last Will; schema 1): state ("online" | "offline"), gateway_id, version,
 started_at, schema.
 """
 
@@ -22,6 +24,8 @@ from typing import Any, Literal
 from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 
+# Each payload kind has its own version; alarm events became 2 with the alarm lifecycle.
+ALARM_SCHEMA = 2
 SCHEMA_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -67,7 +71,8 @@ def alarm_payload(event: AlarmEvent, *, site: str) -> bytes:
         "value": _finite(event.value), "threshold": _finite(event.threshold),
         "model": event.model, "model_version": event.model_version,
         "first_abnormal_source_ts": iso_utc_or_none(event.first_abnormal_source_ts_ns),
-        "decided_at": iso_utc(event.decided_at_ns), "schema": SCHEMA_VERSION,
+        "decided_at": iso_utc(event.decided_at_ns), "state": event.state, "seq": event.seq,
+        "cause": event.cause, "shelved_until": iso_utc_or_none(event.shelved_until_ns), "schema": ALARM_SCHEMA,
     })  # fmt: skip
 
 
