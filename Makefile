@@ -4,7 +4,7 @@ VENV ?= .venv
 DEMO_SECONDS ?= 60
 BIN := $(VENV)/bin
 
-.PHONY: setup deps demo test test-train bench lint clean
+.PHONY: setup deps demo test test-train bench schemas lint clean
 
 $(BIN)/edge-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-train: setup
 
 bench: setup
 	$(BIN)/edge-gateway bench --tags 1000 --hz 10 --seconds 30
+
+schemas: setup  ## regenerate docs/schemas/command.schema.json from the command models
+	$(BIN)/python -m gateway.commands > docs/schemas/command.schema.json
 
 lint: setup
 	$(BIN)/pip install -q ruff

@@ -24,6 +24,7 @@ from gateway.alarms import (
     comm_loss_rules,
     comm_loss_targets,
 )
+from gateway.commands import CommandHandler, command_filter
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
 from gateway.inference.worker import InferenceWorker
@@ -34,7 +35,7 @@ from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
 from gateway.sinks.payloads import alarm_payload, alarm_topic, iso_utc, score_payload, score_topic
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
-from gateway.store import Store
+from gateway.store import NewEvent, Store
 from gateway.tasks import Supervisor, wait_for
 from gateway.windows import AssetSampler, Window
 
@@ -132,6 +133,8 @@ class Gateway:
         self._outbox_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.commands: CommandHandler | None = None
+        self._command_task: asyncio.Task[None] | None = None
         self._last_inference_error = ""
 
     async def start(self) -> None:
@@ -147,8 +150,14 @@ class Gateway:
             self.queues[name] = WindowQueue()
             for asset in model.columns:
                 self._models_of_asset[asset].append(name)
+        commands = self.cfg.mqtt.commands
+        if commands is not None:
+            self.commands = CommandHandler(self.cfg.mqtt, commands, self.engine, self._emit, self.publisher)
+            self.publisher.subscribe(command_filter(self.cfg.mqtt), self.commands.on_message)
         await self.publisher.start()
         sup = self.supervisor
+        if self.commands is not None:
+            self._command_task = sup.spawn(self.commands.run(), "commands")
         self._source_tasks = [sup.spawn(s.run(), f"source:{s.cfg.name}") for s in self.sources]
         # Give each PLC one connect timeout, so the first windows are not all warm-up skips; a PLC
         # that is down does not hold the gateway back (its tags are Bad until it comes back).
@@ -228,7 +237,7 @@ class Gateway:
             return max(0.1, min(cap, deadline - time.monotonic()))
 
         sup = self.supervisor
-        watch = [t for t in (self._watch_task, self._health_task) if t is not None]
+        watch = [t for t in (self._command_task, self._watch_task, self._health_task) if t is not None]
         for task in (*watch, *self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
             await sup.cancel(task, left())
         if self._outbox_task is not None:
@@ -320,30 +329,39 @@ class Gateway:
                     for name, v in zip(names, row, strict=True)
                 ]
             )
+        events: list[AlarmEvent] = []
         for w, row in zip(windows, values, strict=True):
-            for event in self.engine.decide(
+            events += self.engine.decide(
                 model.cfg.name, w.asset, row, source_ts_ns=w.end_source_ts_ns, now_ns=now_ns
-            ):
-                await self._emit(event)
+            )
             if self._score_task is not None:
                 self._queue_score(model, w, names, row, now_ns)
+        # Every transition of one inference call in one commit: a FULL sync per event would cap the rate.
+        await self._emit(*events)
 
-    async def _emit(self, event: AlarmEvent) -> None:
-        """Store an alarm transition durably, then wake the outbox that publishes it."""
-        topic = alarm_topic(self.cfg.mqtt, gateway_id=self.cfg.gateway.id, event=event)
-        # Durable before published: the outbox task sends it only once it is committed.
-        await self.store.add_alarm_event(event, topic, alarm_payload(event, site=self.cfg.mqtt.site))
-        self.counters.alarm_events += 1
+    async def _emit(self, *events: AlarmEvent) -> None:
+        """Store alarm transitions durably, in order and in one commit, then wake the outbox."""
+        if not events:
+            return
+        mqtt, gateway_id = self.cfg.mqtt, self.cfg.gateway.id
+        # Durable before published: the outbox task sends them only once they are committed.
+        items = [
+            NewEvent(e, alarm_topic(mqtt, gateway_id=gateway_id, event=e), alarm_payload(e, site=mqtt.site))
+            for e in events
+        ]
+        await self.store.add_alarm_events(items)
+        self.counters.alarm_events += len(events)
         self.outbox_wake.set()
-        logger.warning(
-            "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
-            event.alarm_id,
-            event.event,
-            event.asset,
-            event.rule,
-            event.value,
-            event.threshold,
-        )
+        for event in events:
+            logger.warning(
+                "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
+                event.alarm_id,
+                event.event,
+                event.asset,
+                event.rule,
+                event.value,
+                event.threshold,
+            )
 
     async def _watch(self) -> None:
         """Once a second: each source's time without a session to its comm_loss rule, shelves that
@@ -460,4 +478,9 @@ class Gateway:
             "active_alarms": len(self.engine.active()) if self.engine else 0,
             "store": vars(self.store.stats).copy(),
             "mqtt": vars(self.publisher.stats).copy(),
+            "commands": (
+                {"executed": self.commands.executed, "refused": self.commands.refused, "dropped": self.commands.dropped}
+                if self.commands is not None
+                else None
+            ),
         }

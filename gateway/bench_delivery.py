@@ -1,12 +1,15 @@
 """`edge-gateway bench --delivery`: alarm events through the SQLite outbox and MQTT to a subscriber.
 
-The path is the gateway's own (gateway.app._emit and the outbox task): `Store.add_alarm_event`
-commits each event, the outbox is woken, `drain_outbox` publishes with `MqttPublisher` and marks
-each event once its PUBACK is in. The broker is a real mosquitto; a QoS 1 subscriber with a
-persistent session counts distinct payloads (same process, its own paho thread). Three figures:
+The path is the gateway's own (gateway.app._emit and the outbox task): `Store.add_alarm_events`
+commits the transitions of one inference call together, the outbox is woken, `drain_outbox`
+publishes with `MqttPublisher` (up to OUTBOX_WINDOW awaiting their PUBACK) and marks events once
+their PUBACKs are in. The broker is a real mosquitto; a QoS 1 subscriber with a persistent session,
+in its own process, counts distinct payloads. Three figures:
 
-- sustained rate: `events` events stored one after another, as the gateway stores them, while the
-  outbox drains; events / (first store -> the subscriber holding the last one);
+- sustained rate: `events` events stored in bursts of `burst` (one inference call in which every
+  one of the ASSETS assets changes state), each burst awaited before the next as the gateway's
+  inference task does, while the outbox drains; events / (first store -> the subscriber holding
+  the last one);
 - backlog recovery: the broker stopped (SIGTERM, sessions saved), `backlog` events stored, the broker
   started again on the same port; seconds from it accepting connections until the subscriber holds
   every one, split into the publisher's reconnect and the drain;
@@ -43,13 +46,15 @@ from gateway.demo.run import free_port
 from gateway.errors import GatewayError
 from gateway.sinks.mqtt import MqttPublisher, drain_outbox
 from gateway.sinks.payloads import alarm_payload, alarm_topic
-from gateway.store import Store
+from gateway.store import NewEvent, Store
 
 logger = logging.getLogger(__name__)
 
 GATEWAY_ID = "bench-gw"
 SITE = "bench"
 ASSETS = 16
+# Transitions stored per commit: one inference call over every asset, each changing state.
+BURST = ASSETS
 CONNECT_TIMEOUT_S = 10.0
 # Generous bounds: the figures are reported, not judged; these only stop a broken run.
 DELIVERY_TIMEOUT_S = 300.0
@@ -179,21 +184,19 @@ class CounterProcess:
 
 
 async def _store_events(
-    store: Store, cfg: MqttConfig, wake: asyncio.Event, first: int, n: int, *, one_by_one: bool
+    store: Store, cfg: MqttConfig, wake: asyncio.Event, first: int, n: int, burst: int
 ) -> None:
-    """Store events first..first+n; one by one (each awaited, as the gateway emits) or all at once."""
-
-    async def emit(i: int) -> None:
-        event = bench_event(i, now_ns=time.time_ns())
-        topic = alarm_topic(cfg, gateway_id=GATEWAY_ID, event=event)
-        await store.add_alarm_event(event, topic, alarm_payload(event, site=SITE))
+    """Store events first..first+n in bursts of `burst`, one commit each, awaited in turn (as the gateway)."""
+    for start in range(first, first + n, burst):
+        now_ns = time.time_ns()
+        burst_events = [bench_event(i, now_ns=now_ns) for i in range(start, min(start + burst, first + n))]
+        await store.add_alarm_events(
+            [
+                NewEvent(e, alarm_topic(cfg, gateway_id=GATEWAY_ID, event=e), alarm_payload(e, site=SITE))
+                for e in burst_events
+            ]
+        )
         wake.set()
-
-    if one_by_one:
-        for i in range(first, first + n):
-            await emit(i)
-    else:
-        await asyncio.gather(*(emit(i) for i in range(first, first + n)))
 
 
 async def _wait_all_marked(store: Store) -> None:
@@ -220,7 +223,7 @@ def outbox_bytes(db_path: Path) -> dict[str, Any]:
 
 
 async def measure_delivery(
-    *, events: int, backlog: int, workdir: Path, broker_down_s: float = 0.0
+    *, events: int, backlog: int, workdir: Path, broker_down_s: float = 0.0, burst: int = BURST
 ) -> dict[str, Any]:
     """Run the three measurements against a fresh broker and database in `workdir`."""
     port = free_port()
@@ -243,7 +246,7 @@ async def measure_delivery(
                 raise GatewayError(f"publisher did not connect to {broker.host}:{port}")
             outbox = asyncio.ensure_future(drain_outbox(store, publisher, wake))
             cpu0, t0 = sum(me.cpu_times()[:2]), time.monotonic()
-            await _store_events(store, cfg, wake, 0, events, one_by_one=True)
+            await _store_events(store, cfg, wake, 0, events, burst)
             stored_at = time.monotonic()
             received_at = await counter.arrived(events, "sustained run")
             cpu = sum(me.cpu_times()[:2]) - cpu0
@@ -251,7 +254,7 @@ async def measure_delivery(
             await counter.request("disconnect")
             await asyncio.to_thread(broker.stop)
             down_at = time.monotonic()
-            await _store_events(store, cfg, wake, events, backlog, one_by_one=False)
+            await _store_events(store, cfg, wake, events, backlog, burst)
             backlog_stored_s = time.monotonic() - down_at
             # A longer outage shows the publisher's reconnect backoff in the figure.
             await asyncio.sleep(max(0.0, down_at + broker_down_s - time.monotonic()))
@@ -275,6 +278,7 @@ async def measure_delivery(
     elapsed = received_at - t0
     return {
         "events": events,
+        "burst": burst,
         "events_per_s": round(events / elapsed, 1),
         "stored_per_s": round(events / (stored_at - t0), 1),
         "sustained_s": round(elapsed, 3),
@@ -295,7 +299,8 @@ def render_delivery(r: dict[str, Any]) -> str:
         [
             f"edge-gateway bench --delivery on {r['machine']}: SQLite outbox -> mosquitto -> QoS 1 subscriber",
             f"  sustained               {r['events_per_s']:>10,.0f} events/s   ({r['events']:,} events in "
-            f"{r['sustained_s']:.2f} s; stored at {r['stored_per_s']:,.0f}/s; CPU {r['cpu_percent']:.0f}%)",
+            f"{r['sustained_s']:.2f} s; stored at {r['stored_per_s']:,.0f}/s, {r['burst']} per commit "
+            f"as one inference call's; CPU {r['cpu_percent']:.0f}%)",
             f"  backlog after restart   {r['backlog_delivered_s']:>10.2f} s        ({r['backlog']:,} events; "
             f"publisher reconnected after {r['backlog_reconnect_s']:.2f} s; broker down {r['broker_down_s']:.2f} s)",
             f"  outbox bytes per event  {r['outbox_bytes_per_event']:>10,}          (alarm_events + indexes, dbstat; "

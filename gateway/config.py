@@ -29,18 +29,18 @@ class GatewaySection(_Model):
     health_log_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
 
 
-def read_secret(where: str, env: str | None, file: Path | None) -> str | None:
-    """A password from the environment variable `env` or the file `file`; `where` names the config keys."""
+def read_secret(where: str, env: str | None, file: Path | None, *, key: str = "password") -> str | None:
+    """A secret from the environment variable `env` or the file `file`; `where` and `key` name the config keys."""
     if env:
         value = os.environ.get(env)
         if value is None:
-            raise ConfigError([f"{where}.password_env: environment variable {env} is not set"])
+            raise ConfigError([f"{where}.{key}_env: environment variable {env} is not set"])
         return value
     if file:
         try:
             return file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError([f"{where}.password_file: cannot read {file}: {exc.strerror}"]) from exc
+            raise ConfigError([f"{where}.{key}_file: cannot read {file}: {exc.strerror}"]) from exc
     return None
 
 
@@ -259,6 +259,37 @@ class TlsConfig(_Model):
     insecure_skip_verify: bool = False
 
 
+class CommandsConfig(_Model):
+    """Who may acknowledge, shelve and unshelve alarms over MQTT; without this section no command is read.
+
+    Commands arrive on {prefix}/{site}/cmd/{user}/{command}. A command is authorized when {user} is
+    in `users` (the broker's ACL must then let each MQTT user publish only under its own {user}
+    level, e.g. mosquitto `pattern write edge/+/cmd/%u/#`), or when the payload's `secret` equals
+    the shared secret.
+    """
+
+    users: list[Name] = Field(default_factory=list)
+    # The shared secret never lives in the YAML: name an environment variable or a file.
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    max_shelve_s: PositiveFloat = 8 * 3600.0
+
+    @model_validator(mode="after")
+    def _some_authority(self) -> CommandsConfig:
+        if self.secret_env and self.secret_file:
+            raise ValueError("give secret_env or secret_file, not both")
+        if not self.users and not (self.secret_env or self.secret_file):
+            raise ValueError("name the users allowed to command, or a shared secret (secret_env or secret_file)")
+        return self
+
+    def secret(self) -> str | None:
+        """The shared secret from the environment or a file, or None when commands go by user only."""
+        value = read_secret("mqtt.commands", self.secret_env, self.secret_file, key="secret")
+        if value == "":
+            raise ConfigError(["mqtt.commands: the shared secret is empty"])
+        return value
+
+
 class MqttConfig(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
@@ -289,6 +320,7 @@ class MqttConfig(_Model):
     # The password never lives in the YAML: name an environment variable or a file.
     password_env: str | None = None
     password_file: Path | None = None
+    commands: CommandsConfig | None = None
 
     @field_validator("alarm_topic")
     @classmethod
@@ -448,8 +480,11 @@ def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         tls = tls.model_copy(
             update={k: rel(getattr(tls, k)) or getattr(tls, k) for k in ("ca_file", "cert_file", "key_file")}
         )
+    commands = cfg.mqtt.commands
+    if commands is not None:
+        commands = commands.model_copy(update={"secret_file": rel(commands.secret_file) or commands.secret_file})
     mqtt = cfg.mqtt.model_copy(
-        update={"password_file": rel(cfg.mqtt.password_file) or cfg.mqtt.password_file, "tls": tls}
+        update={"password_file": rel(cfg.mqtt.password_file) or cfg.mqtt.password_file, "tls": tls, "commands": commands}
     )
     sources = []
     for s in cfg.sources:

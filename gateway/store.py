@@ -1,10 +1,11 @@
 """SQLite store: model scores for tuning and the durable alarm outbox, written by one writer thread.
 
 Every write goes through one thread with its own connection, batched: the thread drains all that
-is queued and writes it in one transaction. Scores sit in a bounded deque (DROP_OLDEST: they are
-for tuning and may be lost, drops are counted). Alarm events are never dropped: `add_alarm_event`
-waits for a free slot (backpressure) and resolves only once its transaction is committed with
-synchronous=FULL; a failed commit keeps them queued and retries.
+is queued and writes it in one transaction (group commit). Scores sit in a bounded deque
+(DROP_OLDEST: they are for tuning and may be lost, drops are counted). Alarm events are never
+dropped: `add_alarm_events` waits for free slots (backpressure) and resolves only once the
+transaction holding its events, all of them or none, is committed with synchronous=FULL; a failed
+commit keeps them queued and retries.
 """
 
 from __future__ import annotations
@@ -97,12 +98,18 @@ class StoreStats:
     last_error: str | None = None
 
 
-@dataclass
-class _PendingEvent:
+class NewEvent(NamedTuple):
+    """An alarm event to store, with the MQTT message that will publish it."""
+
     event: AlarmEvent
     topic: str
     payload: bytes
-    qos: int
+    qos: int = 1
+
+
+@dataclass
+class _PendingBatch:
+    items: Sequence[NewEvent]
     done: Callable[[BaseException | None], None]
 
 
@@ -119,8 +126,8 @@ class Store:
         self._busy_timeout_s = busy_timeout_s
         self._cond = threading.Condition()
         self._scores: deque[tuple[Any, ...]] = deque(maxlen=queue_size)
-        # Bounded by _event_slots: a full queue makes add_alarm_event wait, never drop.
-        self._events: deque[_PendingEvent] = deque()
+        # Bounded by _event_slots (one per event): a full queue makes add_alarm_events wait, never drop.
+        self._events: deque[_PendingBatch] = deque()
         self._marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]] = []
         self._reads: list[_Job] = []
         self._stopping = False
@@ -129,6 +136,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event_slots: asyncio.Semaphore | None = None
+        self._admit: asyncio.Lock | None = None
         self._closed: asyncio.Future[None] | None = None
         self._sync_full: bool | None = None
         self._failing = False
@@ -140,6 +148,7 @@ class Store:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._event_slots = asyncio.Semaphore(self._queue_size)
+        self._admit = asyncio.Lock()
         self._closed = loop.create_future()
         opened: asyncio.Future[Database] = loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(opened,), name="store-writer", daemon=True)
@@ -164,18 +173,39 @@ class Store:
 
     async def add_alarm_event(self, event: AlarmEvent, topic: str, payload: bytes, *, qos: int = 1) -> None:
         """Store one alarm event in the outbox and update its alarm row; returns once committed."""
+        await self.add_alarm_events([NewEvent(event, topic, payload, qos)])
+
+    async def add_alarm_events(self, items: Sequence[NewEvent]) -> None:
+        """Store alarm events in the outbox in this order, all in one transaction, and update their alarm
+        rows; returns once committed (all of them or, on StoreError, none)."""
+        if not items:
+            return
         self._check_running()
-        assert self._event_slots is not None
-        await self._event_slots.acquire()  # backpressure instead of dropping
+        assert self._event_slots is not None and self._admit is not None
         slots = self._event_slots
+        # A batch larger than the queue takes every slot, so it waits for an empty queue instead of forever.
+        need = min(len(items), self._queue_size)
+        taken = 0
+        try:
+            # One batch takes slots at a time: two that each held part of the free slots would wait forever.
+            async with self._admit:
+                while taken < need:
+                    await slots.acquire()  # backpressure instead of dropping
+                    taken += 1
+        except BaseException:
+            for _ in range(taken):
+                slots.release()
+            raise
         fut = self._new_future()
 
         def done(exc: BaseException | None) -> None:
-            slots.release()
+            for _ in range(need):
+                slots.release()
             _settle(fut, None, exc)
 
         with self._cond:
-            self._events.append(_PendingEvent(event, topic, payload, qos, self._threadsafe(done)))
+            # Appended under the lock the writer takes them with, so one transaction holds them all.
+            self._events.append(_PendingBatch(list(items), self._threadsafe(done)))
             self._cond.notify()
         await fut
 
@@ -230,7 +260,7 @@ class Store:
             await wait_for(asyncio.shield(closed), timeout)
         except asyncio.TimeoutError:
             with self._cond:
-                lost = len(self._events)
+                lost = sum(len(batch.items) for batch in self._events)
                 self._abort = True
                 self._cond.notify()
             logger.error("store: could not flush within %.1f s; %d alarm events not saved", timeout, lost)
@@ -341,8 +371,8 @@ class Store:
             leftover = list(self._events)
             self._events.clear()
             marks, self._marks = self._marks, []
-        for item in leftover:
-            item.done(StoreError("store stopped before the event was saved"))
+        for batch in leftover:
+            batch.done(StoreError("store stopped before the event was saved"))
         for _, mark_done in marks:
             mark_done(StoreError("store stopped before the mark was saved"))
 
@@ -350,7 +380,7 @@ class Store:
         self,
         db: Database,
         scores: list[tuple[Any, ...]],
-        events: list[_PendingEvent],
+        events: list[_PendingBatch],
         marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]],
     ) -> bool:
         if not (scores or events or marks):
@@ -363,7 +393,7 @@ class Store:
             with _immediate(db):
                 if scores:
                     db.table("scores").insert_all(itertools.chain([SCORE_COLUMNS], scores))
-                new_events = sum(_write_event(db, item, now) for item in events)
+                new_events = sum(_write_event(db, item, now) for batch in events for item in batch.items)
                 for ids, _ in marks:
                     db.execute(
                         f"UPDATE alarm_events SET published_at_ns = ? WHERE published_at_ns IS NULL "
@@ -388,8 +418,8 @@ class Store:
         self.stats.commits += 1
         self.stats.scores_written += len(scores)
         self.stats.events_written += new_events
-        for item in events:
-            item.done(None)
+        for batch in events:
+            batch.done(None)
         for _, reply in marks:
             reply(None)
         return True
@@ -400,7 +430,7 @@ class Store:
             self._sync_full = full
 
 
-def _write_event(db: Database, item: _PendingEvent, now: int) -> bool:
+def _write_event(db: Database, item: NewEvent, now: int) -> bool:
     e = item.event
     cur = db.execute(_INSERT_EVENT, [
         e.event_id, e.alarm_id, e.event, e.gateway_id, e.asset, e.rule, e.kind, e.output, e.severity,

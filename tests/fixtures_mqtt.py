@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +18,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.alarms import AlarmEvent, EventType
+from gateway.config import MqttConfig
 from gateway.demo.broker import EmbeddedBroker, MosquittoBroker, MqttProtocol, amqtt_installed, find_mosquitto
+from gateway.sinks.mqtt import MqttPublisher
+from gateway.store import Store
 from tests.conftest import free_port
 
 
@@ -61,6 +65,9 @@ class Received:
     payload: bytes
     qos: int
     retain: bool
+    # MQTT 5 properties a test may check (None when absent or on 3.1.1).
+    correlation_data: bytes | None = None
+    message_expiry_s: int | None = None
 
 
 class Subscriber:
@@ -122,9 +129,27 @@ class Subscriber:
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        received = Received(
+            msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
+            getattr(props, "CorrelationData", None), getattr(props, "MessageExpiryInterval", None),
+        )  # fmt: skip
         with self._cond:
-            self._messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            self._messages.append(received)
             self._cond.notify_all()
+
+    def publish(
+        self, topic: str, payload: bytes, *, response_topic: str | None = None, correlation_data: bytes | None = None
+    ) -> None:
+        """Publish at QoS 1 (a command, say), with MQTT 5 request/response properties when given."""
+        props = None
+        if self._v5 and (response_topic or correlation_data):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation_data:
+                props.CorrelationData = correlation_data
+        self._client.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
 
     @property
     def messages(self) -> list[Received]:
@@ -151,3 +176,23 @@ class Subscriber:
     ) -> list[Received]:
         """wait_for without blocking the event loop."""
         return await asyncio.to_thread(self.wait_for, until, timeout)
+
+
+def make_publisher(cfg: MqttConfig, gateway_id: str = "gw01") -> MqttPublisher:
+    """A publisher with fixed version and start time (not started)."""
+    return MqttPublisher(cfg, gateway_id=gateway_id, version="0.1.0", started_at="2024-01-01T00:00:00.000Z")
+
+
+@contextlib.asynccontextmanager
+async def store_and_publisher(db: Path, cfg: MqttConfig) -> AsyncIterator[tuple[Store, MqttPublisher]]:
+    """A started Store on `db` and a publisher connected to the broker of `cfg`; both stopped on exit."""
+    store = Store(db)
+    await store.start()
+    pub = make_publisher(cfg)
+    await pub.start()
+    try:
+        assert await pub.wait_connected(10)
+        yield store, pub
+    finally:
+        await pub.stop()
+        await store.stop()

@@ -21,7 +21,7 @@ from gateway.demo.run import run_demo
 from gateway.sinks.mqtt import MqttPublisher
 from gateway.sinks.payloads import alarm_payload, alarm_topic, status_topic
 from tests.conftest import free_port
-from tests.fixtures_mqtt import Received, Subscriber, make_event
+from tests.fixtures_mqtt import Received, Subscriber, make_event, make_publisher
 
 needs_amqtt = pytest.mark.skipif(
     not demo_broker.amqtt_installed(), reason="amqtt is not installed (pip install 'edge-gateway[demo]')"
@@ -30,10 +30,6 @@ needs_amqtt = pytest.mark.skipif(
 
 def _cfg(port: int) -> MqttConfig:
     return MqttConfig(port=port, site="plant1", publish_timeout_s=5.0, protocol="3.1.1")
-
-
-def _publisher(cfg: MqttConfig, gateway_id: str = "gw01") -> MqttPublisher:
-    return MqttPublisher(cfg, gateway_id=gateway_id, version="0.1.0", started_at="2024-01-01T00:00:00.000Z")
 
 
 def _states(msgs: list[Received]) -> list[str]:
@@ -72,7 +68,7 @@ def test_publisher_alarm_arrives_through_the_embedded_broker(amqtt_broker: Embed
     event = make_event(7)
 
     async def main() -> MqttPublisher:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         assert await pub.wait_connected(10)
         await pub.publish(
@@ -95,7 +91,7 @@ def test_status_is_retained_and_a_clean_stop_leaves_offline(amqtt_broker: Embedd
     topic = status_topic(cfg, "gw01")
 
     async def main() -> list[Received]:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         with Subscriber(amqtt_broker.port, topic, protocol="3.1.1") as early:
             await pub.start()
             await early.await_for(lambda msgs: _states(msgs) == ["online"])

@@ -161,3 +161,42 @@ def test_a_stopped_asset_suppresses_its_alarms_by_design_and_the_state_survives_
     first, both = asyncio.run(scenario())
     assert first == [("suppressed", "suppressed", "design:stopped")]
     assert both == [*first, ("unsuppressed", "normal", "design:running")]
+
+
+def test_an_operator_acknowledges_a_returned_alarm_over_mqtt(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "gw.db"
+    raw = demo_config(opc_port=free_port(), mqtt_port=mosquitto.port, db_path=db, pumps=1)
+    raw["mqtt"]["commands"] = {"users": ["op1"]}
+    cfg = load_config(write_config(raw, tmp_path / "c.yaml"))
+    port = int(raw["sources"][0]["endpoint"].rsplit(":", 1)[1].strip("/"))
+    raised = dataclasses.replace(
+        make_event(1, asset="pump01", value=5.0), rule="bearing_anomaly", model="pump_ae", gateway_id="demo-gw"
+    )
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        store = Store(db)  # the previous run raised the alarm; the healthy pump will clear it
+        await store.start()
+        await store.add_alarm_event(raised, "edge/demo/pump01/alarm", b"{}")
+        await store.mark_published([raised.event_id])
+        await store.stop()
+        with Subscriber(mosquitto.port, "edge/demo/#") as sub:
+            async with running_simulator(port, n_pumps=1, **STILL), running_gateway(cfg) as run:
+                alarms = lambda: [json.loads(m.payload) for m in sub.messages if m.topic.endswith("/alarm")]  # noqa: E731
+                await wait_for_condition(lambda: len(alarms()) >= 1 or run.stopped(), 60, "the clear")
+                sub.publish("edge/demo/cmd/op1/acknowledge", json.dumps({"alarm_id": raised.alarm_id}).encode())
+                responses = lambda: [m for m in sub.messages if m.topic == "edge/demo/cmd-response/op1"]  # noqa: E731
+                await wait_for_condition(
+                    lambda: (len(alarms()) >= 2 and responses()) or run.stopped(), 60, "the acknowledgement"
+                )
+            assert run.code == 0
+        return json.loads(responses()[0].payload), alarms()
+
+    response, events = asyncio.run(scenario())
+    assert response["ok"] is True and response["state"] == "normal"
+    assert [(e["event"], e["state"], e["seq"], e["cause"]) for e in events] == [
+        ("cleared", "rtn_unack", 2, "process"),
+        ("acknowledged", "normal", 3, "operator:op1"),
+    ]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("select state, seq, acked_by from alarms where alarm_id = ?", [raised.alarm_id]).fetchone()
+    assert row == ("normal", 3, "operator:op1")

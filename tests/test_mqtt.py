@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,14 +13,15 @@ from typing import Literal
 
 import pytest
 
+from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.demo.broker import BrokerError, MosquittoBroker, MqttProtocol, find_mosquitto
 from gateway.errors import PublishError
-from gateway.sinks.mqtt import MqttPublisher, drain_outbox
+from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
 from gateway.sinks.payloads import alarm_payload, alarm_topic, status_topic
-from gateway.store import Store
+from gateway.store import NewEvent, Store
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_mqtt import Received, Subscriber, make_event
+from tests.fixtures_mqtt import Received, Subscriber, make_event, make_publisher, store_and_publisher
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
@@ -32,10 +34,6 @@ ALARM_FIELDS = {
 
 def _cfg(port: int, protocol: Literal["5", "3.1.1"] = "5") -> MqttConfig:
     return MqttConfig(port=port, site="plant1", publish_timeout_s=5.0, protocol=protocol)
-
-
-def _publisher(cfg: MqttConfig, gateway_id: str = "gw01") -> MqttPublisher:
-    return MqttPublisher(cfg, gateway_id=gateway_id, version="0.1.0", started_at="2024-01-01T00:00:00.000Z")
 
 
 def _states(msgs: list[Received]) -> list[str]:
@@ -51,7 +49,7 @@ def test_alarm_arrives_at_qos1_with_documented_fields(
     topic = alarm_topic(cfg, gateway_id="gw01", event=event)
 
     async def main() -> None:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         assert await pub.wait_connected(10)
         await pub.publish(topic, alarm_payload(event, site=cfg.site), qos=1)
@@ -80,7 +78,7 @@ def test_online_status_is_retained_for_later_subscribers(mosquitto: MosquittoBro
     topic = status_topic(cfg, "gw01")
 
     async def main() -> list[Received]:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         with Subscriber(mosquitto.port, topic) as early:
             await pub.start()
             await early.await_for(lambda msgs: _states(msgs) == ["online"])
@@ -140,7 +138,7 @@ def test_clean_stop_publishes_retained_offline(mosquitto: MosquittoBroker) -> No
     topic = status_topic(cfg, "gw01")
 
     async def main(sub: Subscriber) -> MqttPublisher:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         await sub.await_for(lambda msgs: _states(msgs) == ["online"])
         await pub.stop()
@@ -160,7 +158,7 @@ def test_publish_without_a_broker_raises_instead_of_hanging() -> None:
     cfg = _cfg(free_port())
 
     async def main() -> MqttPublisher:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()  # must not fail or block with nothing listening
         with pytest.raises(PublishError, match="not connected"):
             await asyncio.wait_for(pub.publish("edge/x", b"{}"), 5)
@@ -179,7 +177,7 @@ def test_publish_after_the_broker_went_away_raises(tmp_path: Path) -> None:
     broker = MosquittoBroker(free_port(), workdir=tmp_path / "b").start()
 
     async def main() -> MqttPublisher:
-        pub = _publisher(_cfg(broker.port))
+        pub = make_publisher(_cfg(broker.port))
         await pub.start()
         assert await pub.wait_connected(10)
         await asyncio.to_thread(broker.stop)
@@ -201,7 +199,7 @@ def test_refused_connection_is_reported_not_fatal(tmp_path: Path) -> None:
     with MosquittoBroker(free_port(), workdir=tmp_path / "b", allow_anonymous=False) as broker:
 
         async def main() -> MqttPublisher:
-            pub = _publisher(_cfg(broker.port))
+            pub = make_publisher(_cfg(broker.port))
             await pub.start()
             await wait_for_condition(lambda: pub.stats.last_error is not None, what="refusal seen")
             assert not pub.connected
@@ -228,7 +226,7 @@ def test_outbox_delivers_events_stored_while_the_broker_was_down(tmp_path: Path)
     async def main() -> tuple[list[str], MqttPublisher]:
         store = Store(tmp_path / "g.db")
         await store.start()
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         wake = asyncio.Event()
         drain = asyncio.ensure_future(drain_outbox(store, pub, wake))
@@ -260,6 +258,76 @@ def test_outbox_delivers_events_stored_while_the_broker_was_down(tmp_path: Path)
     finally:
         broker.stop()
     assert received == [e.event_id for e in events]
+
+
+def _outbox_items(cfg: MqttConfig, events: list[AlarmEvent]) -> list[NewEvent]:
+    return [
+        NewEvent(e, alarm_topic(cfg, gateway_id="gw01", event=e), alarm_payload(e, site=cfg.site)) for e in events
+    ]
+
+
+def _event_ids(msgs: list[Received]) -> list[str]:
+    return [json.loads(m.payload)["event_id"] for m in msgs]
+
+
+def test_pipelined_outbox_delivers_in_storage_order(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    cfg = _cfg(mosquitto.port)
+    events = [make_event(n, asset=f"pump{n % 3 + 1:02d}") for n in range(200)]
+
+    async def main(sub: Subscriber) -> list[Received]:
+        async with store_and_publisher(tmp_path / "g.db", cfg) as (store, pub):
+            await store.add_alarm_events(_outbox_items(cfg, events))
+            await drain_once(store, pub, batch=64, window=8)
+            assert await store.pending() == []
+            return await sub.await_for(len(events))
+
+    with Subscriber(mosquitto.port, "edge/plant1/+/alarm") as sub:
+        got = asyncio.run(main(sub))
+    assert _event_ids(got) == [e.event_id for e in events]
+
+
+def test_a_refused_publish_marks_only_the_acknowledged_prefix_and_the_rest_is_resent_in_order(
+    tmp_path: Path,
+) -> None:
+    # The broker refuses pump02's topic until its ACL is reloaded: event 12 fails in the middle of a window.
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\ntopic write edge/plant1/pump01/alarm\n")
+    broker = MosquittoBroker(free_port(), workdir=tmp_path / "broker", extra_config=[f"acl_file {acl}"])
+    cfg = _cfg(broker.port)
+    refused, window = 12, 8
+    events = [make_event(n, asset="pump02" if n == refused else "pump01") for n in range(30)]
+    ids = [e.event_id for e in events]
+
+    async def main(sub: Subscriber) -> list[Received]:
+        async with store_and_publisher(tmp_path / "g.db", cfg) as (store, pub):
+            await store.add_alarm_events(_outbox_items(cfg, events))
+            with pytest.raises(PublishError, match="Not authorized"):
+                await drain_once(store, pub, window=window)
+            # Publishes behind the refused one may have been acknowledged too; they are not marked.
+            assert [m.event_id for m in await store.pending()] == ids[refused:]
+            acl.write_text("topic read #\ntopic write edge/#\n")
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGHUP)
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                try:
+                    await drain_once(store, pub, window=window)
+                    break
+                except PublishError:
+                    # Bounded poll: mosquitto says nothing when the reloaded ACL takes effect.
+                    assert asyncio.get_running_loop().time() < deadline, "ACL reload not seen"
+                    await asyncio.sleep(0.05)
+            assert await store.pending() == []
+            return await sub.await_for(lambda msgs: bool(msgs) and _event_ids(msgs)[-1] == ids[-1])
+
+    with broker, Subscriber(broker.port, "edge/plant1/+/alarm") as sub:
+        got = _event_ids(asyncio.run(main(sub)))
+    # The prefix once; then early copies of events that were in flight behind the refused one (each
+    # refused round sends some); then everything from the refused one on, again in storage order.
+    resent = len(got) - len(ids[refused:])
+    assert got[:refused] == ids[:refused]
+    assert set(got[refused:resent]) <= set(ids[refused + 1 : refused + window])
+    assert got[resent:] == ids[refused:]
 
 
 def test_a_second_broker_on_a_taken_port_fails_clearly(mosquitto: MosquittoBroker) -> None:

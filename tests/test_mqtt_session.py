@@ -10,7 +10,6 @@ import signal
 import socket
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from pydantic import ValidationError
 
@@ -22,30 +21,14 @@ from gateway.sinks.payloads import alarm_payload, alarm_topic, score_topic
 from gateway.store import Store
 from gateway.tasks import backoff_delay
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_mqtt import Subscriber, make_event
+from tests.fixtures_mqtt import Subscriber, make_event, make_publisher, store_and_publisher
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
-
-
-def _publisher(cfg: MqttConfig) -> MqttPublisher:
-    return MqttPublisher(cfg, gateway_id="gw01", version="0.1.0", started_at="2024-01-01T00:00:00.000Z")
 
 
 async def _store_event(store: Store, cfg: MqttConfig, event: AlarmEvent) -> None:
     topic = alarm_topic(cfg, gateway_id="gw01", event=event)
     await store.add_alarm_event(event, topic, alarm_payload(event, site=cfg.site))
-
-
-class ExpirySubscriber(Subscriber):
-    """A Subscriber that also notes each message's MQTT 5 Message Expiry Interval (None: none)."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        super().__init__(port, topic)
-        self.expiry: dict[str, int | None] = {}
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self.expiry[msg.topic] = getattr(msg.properties, "MessageExpiryInterval", None)
-        super()._on_message(client, userdata, msg)
 
 
 @pytest.mark.parametrize("failures", range(12))
@@ -92,7 +75,7 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order_exactly_once(
     async def main() -> list[str]:
         store = Store(tmp_path / "g.db")
         await store.start()
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         wake = asyncio.Event()
         drain = asyncio.ensure_future(drain_outbox(store, pub, wake, retry_s=0.1, max_backoff_s=0.4))
@@ -161,29 +144,21 @@ def test_scores_carry_a_message_expiry_and_alarms_do_not(
     status = "edge/plant1/gw01/status"
 
     async def main() -> None:
-        store = Store(tmp_path / "g.db")
-        await store.start()
-        pub = _publisher(cfg)
-        await pub.start()
-        try:
-            assert await pub.wait_connected(10)
+        async with store_and_publisher(tmp_path / "g.db", cfg) as (store, pub):
             await pub.publish(scores, b'{"values":{"score":0.1}}', expiry_s=cfg.score_expiry_s)
             await _store_event(store, cfg, event)
             await drain_once(store, pub)
-        finally:
-            await pub.stop()
-            await store.stop()
 
-    sub = ExpirySubscriber(mosquitto.port, "edge/plant1/#")
-    with sub:
+    with Subscriber(mosquitto.port, "edge/plant1/#") as sub:
         asyncio.run(main())
-        sub.wait_for(lambda msgs: {m.topic for m in msgs} >= {scores, alarms, status})
-    assert sub.expiry[alarms] is None and sub.expiry[status] is None
+        received = sub.wait_for(lambda msgs: {m.topic for m in msgs} >= {scores, alarms, status})
+    expiry = {m.topic: m.message_expiry_s for m in received}
+    assert expiry[alarms] is None and expiry[status] is None
     if protocol == "5":
         # The broker forwards the time left: at most what was set, and not yet run out.
-        assert 0 < (sub.expiry[scores] or 0) <= cfg.score_expiry_s
+        assert 0 < (expiry[scores] or 0) <= cfg.score_expiry_s
     else:
-        assert sub.expiry[scores] is None  # MQTT 3.1.1 has no message expiry
+        assert expiry[scores] is None  # MQTT 3.1.1 has no message expiry
 
 
 @needs_mosquitto
@@ -197,7 +172,7 @@ def test_a_publish_in_flight_when_the_connection_drops_completes_after_the_recon
     assert pid is not None
 
     async def main() -> MqttPublisher:
-        pub = _publisher(cfg)
+        pub = make_publisher(cfg)
         await pub.start()
         assert await pub.wait_connected(10)
         os.kill(pid, signal.SIGSTOP)  # the broker cannot acknowledge anything now

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import OpenAlarm, OutboxMessage, Store
+from gateway.store import NewEvent, OpenAlarm, OutboxMessage, Store
 from tests.conftest import wait_for_condition
 from tests.fixtures_mqtt import make_event
 
@@ -159,6 +159,74 @@ def test_failed_commits_keep_alarm_events_and_drop_scores(tmp_path: Path) -> Non
     assert _sql(path, "SELECT state FROM alarms") == [("unack",)]
     assert _sql(path, "SELECT count(*) FROM scores") == [(0,)]
     assert _sql(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_batch_is_committed_in_order_in_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    batch = [NewEvent(make_event(n), f"t/{n}", f"p{n}".encode()) for n in (5, 3, 4)]
+
+    async def main() -> None:
+        store = Store(path, busy_timeout_s=0.05)
+        await store.start()
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        add = asyncio.ensure_future(store.add_alarm_events(batch))
+        await wait_for_condition(lambda: store.stats.last_error is not None, what="failed commit")
+        # Another process sees none of the batch while its commit fails.
+        assert _sql(path, "SELECT count(*) FROM alarm_events") == [(0,)]
+        assert not add.done()
+        commits = store.stats.commits
+        locker.execute("COMMIT")
+        locker.close()
+        await asyncio.wait_for(add, 10)
+        assert store.stats.commits == commits + 1
+        assert [m.payload for m in await store.pending()] == [b"p5", b"p3", b"p4"]
+        await store.stop()
+
+    asyncio.run(main())
+    assert _sql(path, "SELECT count(*) FROM alarms WHERE state = 'unack'") == [(3,)]
+
+
+def test_a_batch_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    # SQLite cannot bind the second event's payload, after the first one's rows were written.
+    bad = NewEvent(make_event(2), "t", object())  # type: ignore[arg-type]
+    batch = [NewEvent(make_event(1), "t", b"p1"), bad, NewEvent(make_event(3), "t", b"p3")]
+
+    async def main() -> None:
+        store = Store(path)
+        await store.start()
+        add = asyncio.ensure_future(store.add_alarm_events(batch))
+        await wait_for_condition(lambda: store.stats.last_error is not None, what="failed commit")
+        assert "binding" in (store.stats.last_error or "")
+        await store.stop(timeout=0.2)  # it would retry for ever: give up
+        with pytest.raises(StoreError, match="stopped before"):
+            await add
+
+    asyncio.run(main())
+    assert _sql(path, "SELECT count(*) FROM alarm_events") == [(0,)]
+    assert _sql(path, "SELECT count(*) FROM alarms") == [(0,)]
+
+
+def test_batches_larger_than_the_queue_and_concurrent_ones_keep_their_order(tmp_path: Path) -> None:
+    def batch(first: int, n: int) -> list[NewEvent]:
+        return [NewEvent(make_event(i), "t", f"p{i}".encode()) for i in range(first, first + n)]
+
+    async def main() -> list[bytes]:
+        store = Store(tmp_path / "g.db", queue_size=4)
+        await store.start()
+        # The big batch takes every slot; the others wait their turn instead of splitting the slots.
+        await asyncio.gather(
+            store.add_alarm_events(batch(0, 10)),
+            store.add_alarm_events(batch(10, 3)),
+            store.add_alarm_event(make_event(13), "t", b"p13"),
+            store.add_alarm_events(batch(14, 3)),
+        )
+        payloads = [m.payload for m in await store.pending(100)]
+        await store.stop()
+        return payloads
+
+    assert asyncio.run(main()) == [f"p{i}".encode() for i in range(17)]
 
 
 def test_unusable_paths_raise_store_error(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from paho.mqtt.properties import Properties
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
 from gateway.sinks.payloads import status_payload, status_topic
-from gateway.store import Store
+from gateway.store import OutboxMessage, Store
 from gateway.tasks import backoff_delay, wait_event, wait_for
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ MAX_INFLIGHT = 20
 # Messages paho may hold (in flight or awaiting reconnect); beyond it publish fails (DROP_NEWEST,
 # the outbox keeps the alarm and retries).
 MAX_QUEUED = 1000
+# Outbox publishes awaiting their PUBACK at once: half of MAX_INFLIGHT, leaving room for scores.
+OUTBOX_WINDOW = 10
 
 
 class _DropNoSocketNoise(logging.Filter):
@@ -63,6 +66,16 @@ def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (e.g. websockets): nothing to tune
         pass
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A message from a subscription; the MQTT 5 response topic and correlation data when sent."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
 
 @dataclass
@@ -98,6 +111,8 @@ class MqttPublisher:
         self._inflight: asyncio.Semaphore | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._v5 = cfg.protocol == "5"
+        # Topic filter -> handler, called on the event loop for each message that matches.
+        self._subscriptions: dict[str, Callable[[IncomingMessage], None]] = {}
         # paho's thread only: consecutive connection failures, and why the broker refused the last CONNECT.
         self._failures = 0
         self._refused: str | None = None
@@ -167,6 +182,7 @@ class MqttPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         client.on_socket_open = _no_delay
         return client
 
@@ -179,12 +195,13 @@ class MqttPublisher:
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float | None = None,
-        expiry_s: int = 0,
+        expiry_s: int = 0, correlation_data: bytes | None = None,
     ) -> None:  # fmt: skip
         """Publish and return once acknowledged (QoS >= 1); PublishError if not connected, refused or late.
 
         `expiry_s` > 0 sets the MQTT 5 Message Expiry Interval (ignored on 3.1.1): for data that is
-        stale after a while (scores), never for alarms or the retained status.
+        stale after a while (scores), never for alarms or the retained status. `correlation_data`
+        (MQTT 5 only) answers a request that carried it.
         """
         timeout = self.cfg.publish_timeout_s if timeout is None else timeout
         if self._inflight is None or self._loop is None:
@@ -199,9 +216,12 @@ class MqttPublisher:
                 # last_error keeps the connection problem itself, which says more than this.
                 raise self._failed(f"not connected to {self._where}", record=False)
             props = None
-            if expiry_s > 0 and self._v5:
+            if self._v5 and (expiry_s > 0 or correlation_data is not None):
                 props = Properties(PacketTypes.PUBLISH)
-                props.MessageExpiryInterval = expiry_s
+                if expiry_s > 0:
+                    props.MessageExpiryInterval = expiry_s
+                if correlation_data is not None:
+                    props.CorrelationData = correlation_data
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
             # NO_CONN at QoS >= 1: the connection dropped before we heard; paho keeps the message and
             # sends it on reconnect, so its PUBACK is awaited like any other.
@@ -329,6 +349,9 @@ class MqttPublisher:
             self._refused = None
             self._failures = 0
             client.publish(self.status_topic, self._status["online"], qos=1, retain=True)
+            # Again on every connect: a clean session (or an expired one) forgot them.
+            for topic in self._subscriptions:
+                client.subscribe(topic, qos=1)
             self._to_loop(self._set_connected, bool(flags.session_present))
         except Exception:
             logger.exception("mqtt: on_connect failed")
@@ -367,10 +390,32 @@ class MqttPublisher:
         except Exception:
             logger.exception("mqtt: on_publish failed")
 
+    def subscribe(self, topic_filter: str, handler: Callable[[IncomingMessage], None]) -> None:
+        """Call `handler` on the event loop for every message matching `topic_filter` (from the next connect on)."""
+        self._subscriptions[topic_filter] = handler
+        if self._client is not None and self._connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            props = getattr(msg, "properties", None)
+            incoming = IncomingMessage(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=getattr(props, "CorrelationData", None),
+            )
+            for topic_filter, handler in self._subscriptions.items():
+                if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                    self._to_loop(handler, incoming)
+                    break
+        except Exception:
+            logger.exception("mqtt: on_message failed")
+
 
 async def drain_outbox(
     store: Store, publisher: MqttPublisher, wake: asyncio.Event, *, batch: int = 100,
-    retry_s: float = 1.0, max_backoff_s: float = 30.0,
+    window: int = OUTBOX_WINDOW, retry_s: float = 1.0, max_backoff_s: float = 30.0,
 ) -> None:  # fmt: skip
     """Publish stored alarm events in order, marking each only after its acknowledgement; runs until cancelled.
 
@@ -382,7 +427,7 @@ async def drain_outbox(
     while True:
         wake.clear()
         try:
-            await drain_once(store, publisher, batch)
+            await drain_once(store, publisher, batch, window=window)
         except (PublishError, StoreError) as exc:
             if str(exc) != last_problem:
                 logger.warning("outbox: %s; will retry", exc)
@@ -399,19 +444,68 @@ async def drain_outbox(
             await publisher.wait_connected(wait_s)
 
 
-async def drain_once(store: Store, publisher: MqttPublisher, batch: int = 100) -> None:
-    """Publish everything pending in the outbox, in order; PublishError/StoreError end it early."""
+async def drain_once(
+    store: Store, publisher: MqttPublisher, batch: int = 100, *, window: int = OUTBOX_WINDOW
+) -> None:
+    """Publish everything pending in the outbox, in order, up to `window` awaiting their PUBACK at once;
+    PublishError/StoreError end it early, after marking the acknowledged prefix."""
     while True:
         messages = await store.pending(batch)
         if not messages:
             return
-        acked: list[str] = []
-        try:
-            for m in messages:
-                await publisher.publish(m.topic, m.payload, qos=m.qos)
-                acked.append(m.event_id)
-        finally:
-            # Also on a failed publish and when cancelled mid-batch (shutdown): what the broker has
-            # acknowledged is marked, so the final drain at stop does not send it a second time.
-            if acked:
-                await store.mark_published(acked)
+        await _publish_in_order(store, publisher, messages, max(1, window))
+
+
+async def _publish_in_order(
+    store: Store, publisher: MqttPublisher, messages: list[OutboxMessage], window: int
+) -> None:
+    # publish() hands its message to paho after the same steps for every call (a FIFO semaphore
+    # included), so calls started in order reach paho in order, and paho sends QoS 1 in order on its
+    # one connection (re-sending unacknowledged ones in order after a reconnect).
+    inflight: deque[tuple[str, asyncio.Task[None]]] = deque()
+    acked: list[str] = []
+    failure: BaseException | None = None
+    try:
+        for m in messages:
+            if len(inflight) == window:
+                failure = await _settle_oldest(inflight, acked)
+                if failure is not None:
+                    break
+            task = asyncio.ensure_future(publisher.publish(m.topic, m.payload, qos=m.qos))
+            inflight.append((m.event_id, task))
+        while inflight and failure is None:
+            failure = await _settle_oldest(inflight, acked)
+    finally:
+        # Cancelled (at shutdown) while waiting for the oldest: count what was acknowledged meanwhile.
+        while failure is None and inflight and _succeeded(inflight[0][1]):
+            acked.append(inflight.popleft()[0])
+        # After a failure (or when cancelled) the publishes behind it stop waiting: they are not
+        # marked, so they go out again next round, after the failed one (at least once).
+        for _, task in inflight:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in inflight), return_exceptions=True)
+        # Only the contiguous acknowledged prefix is marked: an event is never marked ahead of an
+        # earlier one, and what the broker has acknowledged is not sent a second time at stop.
+        if acked:
+            await store.mark_published(acked)
+    if failure is not None:
+        raise failure
+
+
+async def _settle_oldest(
+    inflight: deque[tuple[str, asyncio.Task[None]]], acked: list[str]
+) -> BaseException | None:
+    """Wait for the oldest publish in flight; note its event as acknowledged, or return why it failed."""
+    event_id, task = inflight[0]
+    await asyncio.wait({task})
+    inflight.popleft()
+    if task.cancelled():
+        return PublishError(f"publish of {event_id} was cancelled")
+    exc = task.exception()
+    if exc is None:
+        acked.append(event_id)
+    return exc
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
