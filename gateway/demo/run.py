@@ -120,6 +120,11 @@ def simulator_process(
             proc.stdout.close()
 
 
+def _number(x: float | None) -> str:
+    """A payload number for the live view: 3 decimals, or '-' for null."""
+    return "-" if x is None else f"{x:.3f}"
+
+
 class AlarmView:
     """A real MQTT subscriber that prints alarms as SCADA would receive them, plus a score line."""
 
@@ -149,10 +154,10 @@ class AlarmView:
     def _handle(self, topic: str, payload: dict[str, Any]) -> None:
         if topic.endswith("/alarm"):
             self.alarms.append(payload)
-            mark = "RAISED " if payload["event"] == "raised" else "CLEARED"
             print(
-                f"[{time.monotonic() - self._t0:6.1f}s] ALARM {mark} {payload['asset']} {payload['rule']} "
-                f"severity={payload['severity']} value={payload['value']:.3f} threshold={payload['threshold']:.3f} "
+                f"[{time.monotonic() - self._t0:6.1f}s] ALARM {payload['event'].upper():<12} {payload['asset']} "
+                f"{payload['rule']} state={payload['state']} severity={payload['severity']} "
+                f"value={_number(payload['value'])} threshold={_number(payload['threshold'])} "
                 f"id={payload['alarm_id'][:8]}",
                 flush=True,
             )
