@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 from gateway.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    from gateway.flood import FloodTracker
+
+logger = logging.getLogger(__name__)
 
 # What happened: the process condition began or ended, or an operator or the system acted on the alarm.
 EventType = Literal["raised", "cleared", "acknowledged", "shelved", "unshelved", "suppressed", "unsuppressed"]
@@ -49,6 +56,7 @@ class AlarmEvent:
     seq: int = 1  # this transition's number within the occurrence, from 1
     cause: str = "process"  # process, operator:<who>, shelve_expired, design:<why>
     shelved_until_ns: int = 0  # with state shelved: when the shelve ends by itself (wall clock)
+    command_id: str | None = None  # the operator command that caused it, when that command had an id
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,12 @@ def comm_loss_rules(cfg: GatewayConfig, *, version: str) -> list[AlarmRule]:
     ]
 
 
+FLOOD = "flood"
+# Why an asset's model alarms are suppressed by design, with the word that ends each reason (the
+# cause of the `unsuppressed` event when it was the last): the running tag, and flood control.
+SUPPRESSION_REASONS: Mapping[str, str] = {"stopped": "running", FLOOD: "flood_ended"}
+
+
 def build_rules(cfg: GatewayConfig, manifests: Mapping[str, ModelManifest]) -> list[AlarmRule]:
     """Resolve the configured alarm rules; thresholds default to the manifest's, assets to the model's."""
     models = {m.name: m for m in cfg.models}
@@ -213,35 +227,51 @@ def evaluate(
     now_ns: int,
 ) -> tuple[AlarmState, AlarmEvent | None]:
     """One window's value through the rule's delays and hysteresis and the alarm's lifecycle."""
+    followed = follow(rule, state, value, source_ts_ns=source_ts_ns)
+    if followed.abnormal == state.abnormal:
+        return followed, None
+    return announce(rule, followed, value, gateway_id=gateway_id, asset=asset, now_ns=now_ns)
+
+
+def follow(rule: AlarmRule, state: AlarmState, value: float, *, source_ts_ns: int) -> AlarmState:
+    """The process condition (`abnormal`) after one window's value, its delays and hysteresis; the
+    lifecycle state is left alone. The same object comes back when nothing changed."""
     if not math.isfinite(value):
-        return state, None
+        return state
     above = rule.direction == "above"
     if not state.abnormal:
         if not ((value >= rule.high) if above else (value <= rule.high)):
-            return (replace(state, streak=0) if state.streak else state), None
+            return replace(state, streak=0) if state.streak else state
         first = state.first_abnormal_source_ts_ns if state.streak else source_ts_ns
         if state.streak + 1 < rule.on_delay:
-            return replace(state, streak=state.streak + 1, first_abnormal_source_ts_ns=first), None
-        onset = replace(state, abnormal=True, streak=0, first_abnormal_source_ts_ns=first)
+            return replace(state, streak=state.streak + 1, first_abnormal_source_ts_ns=first)
+        return replace(state, abnormal=True, streak=0, first_abnormal_source_ts_ns=first)
+    if not ((value < rule.low) if above else (value > rule.low)):
+        return replace(state, streak=0) if state.streak else state
+    if state.streak + 1 < rule.off_delay:
+        return replace(state, streak=state.streak + 1)
+    return replace(state, abnormal=False, streak=0)
+
+
+def announce(
+    rule: AlarmRule, state: AlarmState, value: float, *, gateway_id: str, asset: str, now_ns: int
+) -> tuple[AlarmState, AlarmEvent | None]:
+    """The lifecycle's answer to the condition having just begun (`state.abnormal`) or ended."""
+    if state.abnormal:
         if state.state == "normal":
             # Without PLC timestamps, the decision time keeps distinct occurrences distinct.
-            alarm_id = alarm_id_for(gateway_id, asset, rule.name, first or now_ns)
-            onset = replace(onset, alarm_id=alarm_id, seq=0)
+            alarm_id = alarm_id_for(gateway_id, asset, rule.name, state.first_abnormal_source_ts_ns or now_ns)
+            state = replace(state, alarm_id=alarm_id, seq=0)
         elif state.state != "rtn_unack":
-            return onset, None  # shelved or suppressed: followed, not announced
+            return state, None  # shelved or suppressed: followed, not announced
         # From rtn_unack the occurrence, still unacknowledged, is active again under its id.
-        raised = replace(onset, state="unack", raised_value=value, raised_at_ns=now_ns)
+        raised = replace(state, state="unack", raised_value=value, raised_at_ns=now_ns)
         return _transition(rule, raised, "raised", value, rule.high, gateway_id, asset, now_ns, "process")
-    if not ((value < rule.low) if above else (value > rule.low)):
-        return (replace(state, streak=0) if state.streak else state), None
-    if state.streak + 1 < rule.off_delay:
-        return replace(state, streak=state.streak + 1), None
-    offset = replace(state, abnormal=False, streak=0)
     if state.state not in ANNUNCIATED:
-        return offset, None  # shelved or suppressed
+        return state, None  # shelved or suppressed
     after: LifecycleState = "rtn_unack" if state.state == "unack" else "normal"
     return _transition(
-        rule, replace(offset, state=after), "cleared", value, rule.low, gateway_id, asset, now_ns, "process"
+        rule, replace(state, state=after), "cleared", value, rule.low, gateway_id, asset, now_ns, "process"
     )
 
 
@@ -294,7 +324,11 @@ class AlarmEngine:
         *,
         gateway_id: str,
         states: Mapping[tuple[str, str], AlarmState] | None = None,
+        suppressed: Mapping[str, Collection[str]] | None = None,
+        flood: FloodTracker | None = None,
+        now_ns: int | None = None,
     ) -> None:
+        """`states` and `suppressed` as restore_alarms gives them; `now_ns`: a restored flood's calm starts."""
         self.gateway_id = gateway_id
         self.rules = list(rules)
         self._by_model: dict[str, list[AlarmRule]] = {}
@@ -302,6 +336,16 @@ class AlarmEngine:
             self._by_model.setdefault(rule.model, []).append(rule)
         # Restored states let an active alarm survive a restart and clear under its original id.
         self.states: dict[tuple[str, str], AlarmState] = dict(states or {})
+        # Per asset, why its model alarms are suppressed by design (SUPPRESSION_REASONS); restored
+        # with the states, so that one reason ending cannot lift a suppression another still holds.
+        self.suppressed: dict[str, set[str]] = {a: set(r) for a, r in (suppressed or {}).items() if r}
+        self._flood_rule = next((r for r in self.rules if r.name == FLOOD and r.kind == "system"), None)
+        # Without the flood rule (flood_rules: off, or no model rules) there is nothing to flood.
+        self.flood = flood if self._flood_rule is not None else None
+        if self.flood is not None:
+            start = time.time_ns() if now_ns is None else now_ns
+            for asset in sorted(a for a, reasons in self.suppressed.items() if FLOOD in reasons):
+                self.flood.restore(asset, start)
 
     def decide(
         self, model: str, asset: str, values: np.ndarray, *, source_ts_ns: int, now_ns: int
@@ -313,20 +357,52 @@ class AlarmEngine:
                 continue
             key = (rule.name, asset)
             state = self.states.get(key, IDLE)
-            new, event = evaluate(
-                rule,
-                state,
-                float(values[rule.value_index]),
-                gateway_id=self.gateway_id,
-                asset=asset,
-                source_ts_ns=source_ts_ns,
-                now_ns=now_ns,
+            value = float(values[rule.value_index])
+            followed = follow(rule, state, value, source_ts_ns=source_ts_ns)
+            if followed is state:
+                continue
+            self.states[key] = followed
+            if followed.abnormal == state.abnormal:
+                continue
+            if followed.abnormal and rule.kind != "system" and self.flood is not None:
+                # Counted before it is announced: the onset that starts a flood is summarized by the
+                # flood alarm, its own alarm suppressed with the others.
+                events += self._count_onset(asset, now_ns)
+            new, event = announce(
+                rule, self.states[key], value, gateway_id=self.gateway_id, asset=asset, now_ns=now_ns
             )
-            if new is not state:
-                self.states[key] = new
+            self.states[key] = new
             if event is not None:
                 events.append(event)
         return events
+
+    def _count_onset(self, asset: str, now_ns: int) -> list[AlarmEvent]:
+        """Count an onset on `asset`; if it starts a flood: the flood alarm, then the suppressions."""
+        assert self.flood is not None
+        count = self.flood.onset(asset, now_ns)
+        if count is None:
+            return []
+        logger.warning("alarm flood on %s: %d onsets within %g s", asset, count, self.flood.cfg.window_s)
+        return self._flood(asset, True, count, now_ns)
+
+    def end_floods(self, now_ns: int) -> list[AlarmEvent]:
+        """End the flood of each asset calm for `calm_s`: its flood alarm clears, its suppression lifts."""
+        if self.flood is None:
+            return []
+        return [e for asset, n in self.flood.calmed(now_ns) for e in self._flood(asset, False, n, now_ns)]
+
+    def _flood(self, asset: str, present: bool, value: int, now_ns: int) -> list[AlarmEvent]:
+        """The flood alarm's condition begins or ends on `asset`, and with it the flood's suppression."""
+        assert self._flood_rule is not None
+        key = (FLOOD, asset)
+        state = self.states.get(key, IDLE)
+        changed = replace(state, abnormal=present, streak=0, first_abnormal_source_ts_ns=0)
+        self.states[key], event = announce(
+            self._flood_rule, changed, float(value), gateway_id=self.gateway_id, asset=asset, now_ns=now_ns
+        )
+        return ([event] if event is not None else []) + self.set_suppressed(
+            asset, present, reason=FLOOD, now_ns=now_ns
+        )
 
     def _rule(self, rule: str, asset: str) -> AlarmRule:
         """The rule called `rule` covering `asset`; CommandError if there is none."""
@@ -386,20 +462,40 @@ class AlarmEngine:
         ]
 
     def set_suppressed(self, asset: str, suppressed: bool, *, reason: str, now_ns: int) -> list[AlarmEvent]:
-        """Suppress by design (e.g. the asset is stopped) every alarm of `asset`, or lift the suppression."""
+        """Add or lift one reason (SUPPRESSION_REASONS) to suppress the model alarms of `asset` by design.
+
+        They are suppressed while any reason holds: the first reason suppresses them (cause
+        `design:<reason>`), lifting the last resumes them (cause `design:<its lifted word>`), and
+        lifting one while another holds changes nothing.
+        """
+        if reason not in SUPPRESSION_REASONS:
+            raise ValueError(
+                f"unknown suppression reason {reason!r}; known: {', '.join(SUPPRESSION_REASONS)}"
+            )
+        reasons = self.suppressed.get(asset, set())
+        if suppressed:
+            self.suppressed[asset] = reasons | {reason}
+            cause = f"design:{reason}"
+        else:
+            if reason in reasons:
+                reasons = reasons - {reason}
+                self.suppressed[asset] = reasons
+            if reasons:
+                return []
+            self.suppressed.pop(asset, None)
+            cause = f"design:{SUPPRESSION_REASONS[reason]}"
         events = []
         for rule in self.rules:
-            # System alarms (comm_loss) are about the gateway's view of the plant, not the machine.
+            # System alarms (comm_loss, flood) are about the gateway's view of the plant, not the machine.
             if asset not in rule.assets or rule.kind == "system":
                 continue
             state = self.states.get((rule.name, asset), IDLE)
             if suppressed and state.state != "suppressed":
                 new = replace(state, state="suppressed", shelved_until_ns=0)
-                events.append(self._operator(rule, asset, new, "suppressed", f"design:{reason}", now_ns))
+                events.append(self._operator(rule, asset, new, "suppressed", cause, now_ns))
             elif not suppressed and state.state == "suppressed":
-                events.append(
-                    self._operator(rule, asset, self._resumed(state), "unsuppressed", f"design:{reason}", now_ns)
-                )
+                resumed = self._resumed(state)
+                events.append(self._operator(rule, asset, resumed, "unsuppressed", cause, now_ns))
         return events
 
     @staticmethod

@@ -14,11 +14,9 @@ import numpy as np
 
 from gateway import __version__
 from gateway.alarms import (
-    ANNUNCIATED,
     AlarmEngine,
     AlarmEvent,
     AlarmRule,
-    AlarmState,
     build_rules,
     comm_loss_model,
     comm_loss_rules,
@@ -27,15 +25,26 @@ from gateway.alarms import (
 from gateway.commands import CommandHandler, command_filter
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
+from gateway.flood import FloodTracker, flood_rules
 from gateway.inference.worker import InferenceWorker
 from gateway.latest import LatestValues, is_good
 from gateway.metrics import LatencyReservoir
 from gateway.models import LoadedModel, load_manifests, load_models
+from gateway.restore import Restored, restore_alarms
 from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
-from gateway.sinks.payloads import alarm_payload, alarm_topic, iso_utc, score_payload, score_topic
+from gateway.sinks.payloads import (
+    MessageIds,
+    alarm_payload,
+    alarm_topic,
+    iso_utc,
+    score_payload,
+    score_topic,
+    status_payload,
+    status_stats,
+)
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
-from gateway.store import NewEvent, Store
+from gateway.store import DataMessage, NewEvent, Store
 from gateway.tasks import Supervisor, wait_for
 from gateway.windows import AssetSampler, Window
 
@@ -114,22 +123,25 @@ class Gateway:
             )
             for s in cfg.sources
         ]
-        self.store = Store(cfg.storage.path)
+        self.store = Store(cfg.storage.path, outbox_quota_bytes=cfg.storage.outbox_quota_bytes)
+        self.ids = MessageIds(cfg.gateway.id)
         self.publisher = MqttPublisher(
-            cfg.mqtt, gateway_id=cfg.gateway.id, version=__version__, started_at=self.started_at
+            cfg.mqtt, gateway_id=cfg.gateway.id, version=__version__, started_at=self.started_at, ids=self.ids
         )
         self.worker = InferenceWorker()
         self.models: dict[str, LoadedModel] = {}
         self.queues: dict[str, WindowQueue] = {}
         self.engine: AlarmEngine | None = None
         self.outbox_wake = asyncio.Event()
-        self.scores_out: asyncio.Queue[tuple[str, bytes, int]] = asyncio.Queue(SCORE_QUEUE_SIZE)
+        # Each score with the monotonic time its window's newest sample arrived (for the latency).
+        self.scores_out: asyncio.Queue[tuple[DataMessage, int]] = asyncio.Queue(SCORE_QUEUE_SIZE)
         self.supervisor = Supervisor()
         self._models_of_asset: dict[str, list[str]] = {a.name: [] for a in cfg.assets}
         self._source_tasks: list[asyncio.Task[None]] = []
         self._sampler_tasks: list[asyncio.Task[None]] = []
         self._inference_tasks: list[asyncio.Task[None]] = []
         self._score_task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
         self._outbox_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -143,8 +155,15 @@ class Gateway:
         manifests = await self.worker.call(load_manifests, self.cfg)
         self.models = await self.worker.call(load_models, self.cfg, manifests)
         rules = build_rules(self.cfg, manifests) + comm_loss_rules(self.cfg, version=__version__)
+        rules += flood_rules(self.cfg, rules, version=__version__)
+        restored = await self._restored_alarms(rules)
         self.engine = AlarmEngine(
-            rules, gateway_id=self.cfg.gateway.id, states=await self._restored_alarms(rules)
+            rules,
+            gateway_id=self.cfg.gateway.id,
+            states=restored.states,
+            suppressed=restored.suppressed,
+            flood=FloodTracker(self.cfg.flood),
+            now_ns=time.time_ns(),
         )
         for name, model in self.models.items():
             self.queues[name] = WindowQueue()
@@ -152,7 +171,9 @@ class Gateway:
                 self._models_of_asset[asset].append(name)
         commands = self.cfg.mqtt.commands
         if commands is not None:
-            self.commands = CommandHandler(self.cfg.mqtt, commands, self.engine, self._emit, self.publisher)
+            self.commands = CommandHandler(
+                self.cfg.mqtt, commands, self.engine, self._emit, self.publisher, self.store
+            )
             self.publisher.subscribe(command_filter(self.cfg.mqtt), self.commands.on_message)
         await self.publisher.start()
         sup = self.supervisor
@@ -177,6 +198,8 @@ class Gateway:
         self._score_task = (
             sup.spawn(self._publish_scores(), "scores") if self.cfg.mqtt.publish_scores else None
         )
+        every = self.cfg.mqtt.status_interval_s
+        self._status_task = sup.spawn(self._publish_status(every), "status") if every > 0 else None
         logger.info(
             "gateway %s started: %d source(s), %d asset(s), %d tag(s), %d model(s)",
             self.cfg.gateway.id,
@@ -186,34 +209,12 @@ class Gateway:
             len(self.models),
         )
 
-    async def _restored_alarms(self, rules: list[AlarmRule]) -> dict[tuple[str, str], AlarmState]:
-        """Alarms open at the last stop keep their state and id: cleared or acknowledged later, never raised again."""
-        covered = {(r.name, a) for r in rules for a in r.assets}
-        states: dict[tuple[str, str], AlarmState] = {}
-        for alarm in await self.store.open_alarms():
-            if (alarm.rule, alarm.asset) not in covered:
-                logger.warning(
-                    "alarm %s (%s on %s) is open in the store but no configured rule covers it any more",
-                    alarm.alarm_id,
-                    alarm.rule,
-                    alarm.asset,
-                )
-                continue
-            # One open occurrence per (rule, asset); the newest wins should an older one linger.
-            states[(alarm.rule, alarm.asset)] = AlarmState(
-                state=alarm.state,  # type: ignore[arg-type]
-                # Active means its condition was present; shelved or suppressed ones are judged afresh.
-                abnormal=alarm.state in ANNUNCIATED,
-                alarm_id=alarm.alarm_id,
-                seq=alarm.seq,
-                first_abnormal_source_ts_ns=alarm.first_abnormal_source_ts_ns,
-                raised_value=alarm.raised_value,
-                raised_at_ns=alarm.raised_at_ns,
-                shelved_until_ns=alarm.shelved_until_ns,
-            )
-        if states:
-            logger.info("restored %d open alarm(s) from %s", len(states), self.cfg.storage.path)
-        return states
+    async def _restored_alarms(self, rules: list[AlarmRule]) -> Restored:
+        """Alarms open at the last stop keep their state and id, assets the reasons they are suppressed."""
+        restored = restore_alarms(await self.store.open_alarms(), rules, running=self._running.keys())
+        if restored.states:
+            logger.info("restored %d open alarm(s) from %s", len(restored.states), self.cfg.storage.path)
+        return restored
 
     async def run(self, shutdown: asyncio.Event) -> int:
         """Start, run until `shutdown` is set or a stage fails, then stop; returns an exit code."""
@@ -237,7 +238,9 @@ class Gateway:
             return max(0.1, min(cap, deadline - time.monotonic()))
 
         sup = self.supervisor
-        watch = [t for t in (self._command_task, self._watch_task, self._health_task) if t is not None]
+        watch = [
+            t for t in (self._command_task, self._watch_task, self._health_task, self._status_task) if t is not None
+        ]
         for task in (*watch, *self._source_tasks, *self._sampler_tasks, *self._inference_tasks):
             await sup.cancel(task, left())
         if self._outbox_task is not None:
@@ -353,30 +356,35 @@ class Gateway:
         self.counters.alarm_events += len(events)
         self.outbox_wake.set()
         for event in events:
-            logger.warning(
-                "alarm %s %s: asset=%s rule=%s value=%.4g threshold=%.4g",
+            # A raise is what a person reading the journal must see; the rest of the lifecycle is INFO.
+            logger.log(
+                logging.WARNING if event.event == "raised" else logging.INFO,
+                "alarm %s %s -> %s: asset=%s rule=%s value=%.4g threshold=%.4g cause=%s",
                 event.alarm_id,
                 event.event,
+                event.state,
                 event.asset,
                 event.rule,
                 event.value,
                 event.threshold,
+                event.cause,
             )
 
     async def _watch(self) -> None:
         """Once a second: each source's time without a session to its comm_loss rule, shelves that
-        ran out, and the suppression of assets whose running tag says they are stopped."""
+        ran out, alarm floods that calmed down, and the suppression of assets whose running tag says
+        they are stopped."""
         assert self.engine is not None
         targets = comm_loss_targets(self.cfg)
         down_since: dict[str, int] = {}
         while True:
             for event in self.engine.expire_shelves(time.time_ns()):
                 await self._emit(event)
+            # A flood's end (its alarm cleared, the suppressions lifted) is stored in one commit.
+            await self._emit(*self.engine.end_floods(time.time_ns()))
             for asset, stopped in self._stopped_assets():
-                for event in self.engine.set_suppressed(
-                    asset, stopped, reason="stopped" if stopped else "running", now_ns=time.time_ns()
-                ):
-                    await self._emit(event)
+                events = self.engine.set_suppressed(asset, stopped, reason="stopped", now_ns=time.time_ns())
+                await self._emit(*events)
             now = time.monotonic_ns()
             for source in self.sources:
                 name = source.cfg.name
@@ -408,24 +416,27 @@ class Gateway:
             await asyncio.sleep(interval_s)
             for source in self.sources:
                 logger.info("health %s", source.health_line())
-            c = self.counters
+            c, st = self.counters, self.store.stats
             logger.info(
                 "health pipeline: %d windows inferred, %d inference error(s), %d alarm(s) active, mqtt %s, "
-                "%d score(s) dropped",
+                "outbox %d alarm event(s) + %d other(s) waiting (%.0f%% of quota), %d score(s) dropped",
                 c.windows_inferred,
                 c.inference_errors,
                 len(self.engine.active()) if self.engine else 0,
                 "connected" if self.publisher.connected else "disconnected",
-                c.scores_dropped,
+                st.outbox_alarm_events,
+                st.outbox_messages,
+                100.0 * st.outbox_bytes / st.outbox_quota_bytes,
+                c.scores_dropped + st.outbox_dropped_scores + st.outbox_expired,
             )
 
     def _queue_score(
         self, model: LoadedModel, w: Window, names: list[str], row: np.ndarray, now_ns: int
     ) -> None:
-        topic = score_topic(
-            self.cfg.mqtt, gateway_id=self.cfg.gateway.id, asset=w.asset, model=model.cfg.name
-        )
+        mqtt = self.cfg.mqtt
+        message_id = self.ids.next()
         payload = score_payload(
+            message_id=message_id,
             asset=w.asset,
             model=model.cfg.name,
             model_version=model.manifest.version,
@@ -433,34 +444,66 @@ class Gateway:
             source_ts_ns=w.end_source_ts_ns,
             decided_at_ns=now_ns,
         )
+        topic = score_topic(mqtt, gateway_id=self.cfg.gateway.id, asset=w.asset, model=model.cfg.name)
+        expires = now_ns + mqtt.score_expiry_s * 10**9 if mqtt.score_expiry_s else 0
         if self.scores_out.full():  # DROP_OLDEST: the newest scores matter most
             self.scores_out.get_nowait()
             self.counters.scores_dropped += 1
-        self.scores_out.put_nowait((topic, payload, w.end_recv_ns))
+        self.scores_out.put_nowait(
+            (DataMessage(message_id, "score", topic, payload, qos=mqtt.qos, expires_at_ns=expires), w.end_recv_ns)
+        )
 
     async def _publish_scores(self) -> None:
-        """Publish per-window scores; each latency is acquisition of the newest sample to its PUBACK."""
+        """Publish per-window scores live; those that cannot go out now wait in the outbox (low priority).
 
+        Each live latency is acquisition of the window's newest sample to its PUBACK. While scores wait
+        in the outbox, new ones queue behind them there, so a consumer gets them in order.
+        """
         # Scores hold at most SCORE_INFLIGHT of the publisher's in-flight slots: alarms always find one.
         slots = asyncio.Semaphore(SCORE_INFLIGHT)
+        mqtt = self.cfg.mqtt
 
-        async def publish_one(topic: str, payload: bytes, recv_ns: int) -> None:
+        async def publish_one(score: DataMessage, recv_ns: int) -> None:
             async with slots:
-                try:
-                    await self.publisher.publish(
-                        topic, payload, qos=self.cfg.mqtt.qos, expiry_s=self.cfg.mqtt.score_expiry_s
-                    )
-                except PublishError:
-                    self.counters.scores_dropped += 1
-                    return
-            self.counters.scores_published += 1
-            self.latency.add((time.monotonic_ns() - recv_ns) / 1e9)
+                if self.publisher.connected and not self.store.data_waiting:
+                    try:
+                        await self.publisher.publish(
+                            score.topic, score.payload, qos=score.qos, expiry_s=mqtt.score_expiry_s
+                        )
+                    except PublishError:
+                        pass  # to the outbox; if paho still delivers this copy, the message_id repeats
+                    else:
+                        self.counters.scores_published += 1
+                        self.latency.add((time.monotonic_ns() - recv_ns) / 1e9)
+                        return
+            self.store.add_messages([score])
+            self.outbox_wake.set()
 
         while True:
             items = [await self.scores_out.get()]
             while not self.scores_out.empty() and len(items) < 256:
                 items.append(self.scores_out.get_nowait())
             await asyncio.gather(*(publish_one(*item) for item in items))
+
+    async def _publish_status(self, interval_s: float) -> None:
+        """Every `interval_s`, a retained status with the outbox's depth and drops, through the outbox."""
+        topic = self.publisher.status_topic
+        while True:
+            await asyncio.sleep(interval_s)
+            stats = status_stats(
+                at_ns=time.time_ns(),
+                active_alarms=len(self.engine.active()) if self.engine else 0,
+                store=self.store.stats,
+                scores_published=self.counters.scores_published,
+                scores_dropped=self.counters.scores_dropped,
+            )
+            message_id = self.ids.next()
+            payload = status_payload(
+                "online", message_id=message_id, gateway_id=self.cfg.gateway.id, version=__version__,
+                started_at=self.started_at, stats=stats,
+            )  # fmt: skip
+            self.store.add_messages([DataMessage(message_id, "status", topic, payload, qos=1, retain=True)])
+            self.outbox_wake.set()
 
     def status(self) -> dict[str, Any]:
         """A snapshot of every stage's counters, for logs, health and the benchmark."""
@@ -476,6 +519,7 @@ class Gateway:
             },
             "window_queue_dropped": {n: q.dropped for n, q in self.queues.items()},
             "active_alarms": len(self.engine.active()) if self.engine else 0,
+            "flood": self.engine.flood.status() if self.engine and self.engine.flood else None,
             "store": vars(self.store.stats).copy(),
             "mqtt": vars(self.publisher.stats).copy(),
             "commands": (

@@ -8,8 +8,10 @@ command filter, so the gateway never reads its own answers).
 
 A command changes nothing unless it is well-formed, known, authorized (see config.CommandsConfig)
 and applies to the alarm as it stands; otherwise the response says why. A command repeated with the
-same `command_id` (a SCADA retry after a lost response) is answered again, not executed again; the
-ids are remembered in memory for the last MAX_REMEMBERED commands.
+same `command_id` by the same user (a SCADA retry after a lost response) is answered again, marked
+`duplicate`, not executed again: the id is stored with the alarm event the command caused, in the
+same transaction, so this holds across restarts too (the last MAX_REMEMBERED answers are also kept
+in memory). A refused command is not remembered: it changed nothing, and a retry is judged afresh.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +33,7 @@ from gateway.config import CommandsConfig, MqttConfig
 from gateway.errors import PublishError
 from gateway.sinks.mqtt import IncomingMessage, MqttPublisher
 from gateway.sinks.payloads import iso_utc
+from gateway.store import CommandRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +111,14 @@ class CommandHandler:
         engine: AlarmEngine,
         emit: Callable[[AlarmEvent], Awaitable[None]],
         publisher: MqttPublisher,
+        store: Store,
     ) -> None:
         self.cfg = cfg
         self.commands = commands
         self.engine = engine
         self._emit = emit
         self._publisher = publisher
+        self._store = store
         self._secret = commands.secret()
         self._users = frozenset(commands.users)
         self._queue: asyncio.Queue[IncomingMessage] = asyncio.Queue(QUEUE_SIZE)
@@ -160,8 +166,10 @@ class CommandHandler:
             except ValidationError as exc:
                 raise _Refused("; ".join(_describe(e) for e in exc.errors())) from None
             key = (user, command.command_id) if command.command_id else None
-            if key is not None and key in self._answered:
-                return {**self._answered[key], "duplicate": True}
+            if key is not None:
+                done = await self._answered_before(key, response)
+                if done is not None:
+                    return done
             event = await self._apply(command, user)
         except _Refused as exc:
             self.refused += 1
@@ -169,15 +177,21 @@ class CommandHandler:
             return {**response, "ok": False, "error": str(exc), "at": iso_utc(time.time_ns())}
         self.executed += 1
         logger.info("command %s from %s: alarm %s is now %s", name, user, event.alarm_id, event.state)
-        response.update(
-            ok=True, error=None, alarm_id=event.alarm_id, event_id=event.event_id, state=event.state,
-            at=iso_utc(event.decided_at_ns),
-        )  # fmt: skip
+        response.update(_success(CommandRecord(event.alarm_id, event.event_id, event.state, event.decided_at_ns)))
         if key is not None:
             self._answered[key] = response
             while len(self._answered) > MAX_REMEMBERED:
                 self._answered.popitem(last=False)
         return response
+
+    async def _answered_before(self, key: tuple[str, str], response: dict[str, Any]) -> dict[str, Any] | None:
+        """The answer to an earlier execution of this (user, command_id), from memory or the store."""
+        if key in self._answered:
+            return {**self._answered[key], "duplicate": True}
+        record = await self._store.command_record(*key)
+        if record is None:
+            return None
+        return {**response, **_success(record), "duplicate": True}
 
     def _authorize(self, user: str, body: dict[str, Any]) -> None:
         if user in self._users:
@@ -203,8 +217,17 @@ class CommandHandler:
                 event = self.engine.unshelve(command.rule, command.asset, by=user, now_ns=now)
         except CommandError as exc:
             raise _Refused(str(exc)) from None
+        event = replace(event, command_id=command.command_id)
         await self._emit(event)
         return event
+
+
+def _success(record: CommandRecord) -> dict[str, Any]:
+    """The fields of a successful response: the transition the command caused."""
+    return {
+        "ok": True, "error": None, "alarm_id": record.alarm_id, "event_id": record.event_id,
+        "state": record.state, "at": iso_utc(record.decided_at_ns),
+    }  # fmt: skip
 
 
 def _parse(payload: bytes) -> dict[str, Any]:

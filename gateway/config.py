@@ -229,6 +229,10 @@ class ModelConfig(_Model):
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 256
 
 
+# Alarms the gateway raises itself (gateway.alarms.COMM_LOSS and FLOOD); a model rule may not take their names.
+SYSTEM_RULES = frozenset({"comm_loss", "flood"})
+
+
 class AlarmRuleConfig(_Model):
     name: Name
     model: Name
@@ -249,6 +253,14 @@ class StorageConfig(_Model):
     path: Path = Path("gateway.db")
     # Scores are for tuning; keep every Nth window's scores only if disk is tight.
     store_scores: bool = True
+    # Disk the undelivered outbox may take (MiB; each message counted as topic + payload + 384 bytes).
+    # When full: expired data, then the oldest scores and status, and alarm events last.
+    outbox_quota_mb: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 256.0
+
+    @property
+    def outbox_quota_bytes(self) -> int:
+        """The outbox quota in bytes."""
+        return int(self.outbox_quota_mb * 2**20)
 
 
 class TlsConfig(_Model):
@@ -315,6 +327,8 @@ class MqttConfig(_Model):
     # MQTT 5 Message Expiry Interval of score messages: a stale score is worthless. 0: never expire.
     # Alarms and the retained status never expire.
     score_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 60
+    # A retained status with the outbox's depth and drop counts, this often; 0: only online/offline.
+    status_interval_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 60.0
     tls: TlsConfig | None = None
     username: str | None = None
     # The password never lives in the YAML: name an environment variable or a file.
@@ -364,6 +378,18 @@ def _check_template(template: str, allowed: set[str]) -> None:
         raise ValueError("MQTT topics to publish to must not contain wildcards '#' or '+'")
 
 
+class FloodConfig(_Model):
+    """Flood control: an asset with more than `max_alarms` alarm onsets within `window_s` is summarized
+    by one system alarm `flood`, its other alarms suppressed, until no onset came for `calm_s`."""
+
+    enabled: bool = True
+    # ISA-18.2's alarm flood: more than 10 alarms in 10 minutes (for one operator; here per asset).
+    max_alarms: Annotated[int, Field(ge=1, le=10_000)] = 10
+    window_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 600.0
+    calm_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0
+    severity: Severity = "high"
+
+
 class GatewayConfig(_Model):
     """The whole YAML file."""
 
@@ -374,6 +400,7 @@ class GatewayConfig(_Model):
     alarms: list[AlarmRuleConfig] = Field(default_factory=list)
     storage: StorageConfig = StorageConfig()
     mqtt: MqttConfig = MqttConfig()
+    flood: FloodConfig = FloodConfig()
 
     def asset(self, name: str) -> AssetConfig:
         """The asset called `name` (validated to exist)."""
@@ -419,6 +446,10 @@ def _cross_check(cfg: GatewayConfig) -> list[tuple[Loc, str]]:
             if name not in assets:
                 problems.append((("models", i, "assets", j), f"unknown asset {name!r}; defined: {sorted(assets)}"))
     for i, r in enumerate(cfg.alarms):
+        if r.name in SYSTEM_RULES:
+            problems.append(
+                (("alarms", i, "name"), f"{r.name!r} is the name of a system alarm; choose another")
+            )
         model = models.get(r.model)
         if model is None:
             problems.append((("alarms", i, "model"), f"unknown model {r.model!r}; defined: {sorted(models)}"))

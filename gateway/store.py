@@ -1,11 +1,19 @@
-"""SQLite store: model scores for tuning and the durable alarm outbox, written by one writer thread.
+"""SQLite store: model scores for tuning and the durable outbox, written by one writer thread.
 
 Every write goes through one thread with its own connection, batched: the thread drains all that
-is queued and writes it in one transaction (group commit). Scores sit in a bounded deque
-(DROP_OLDEST: they are for tuning and may be lost, drops are counted). Alarm events are never
-dropped: `add_alarm_events` waits for free slots (backpressure) and resolves only once the
+is queued and writes it in one transaction (group commit). Scores and low-priority messages sit in
+bounded deques (DROP_OLDEST: they may be lost, drops are counted). Alarm events are never dropped
+on the way in: `add_alarm_events` waits for free slots (backpressure) and resolves only once the
 transaction holding its events, all of them or none, is committed with synchronous=FULL; a failed
 commit keeps them queued and retries.
+
+The outbox has two priorities: alarm events (the `alarm_events` table, unpublished rows) and
+low-priority data (the `outbox` table: scores that could not go out live, periodic status).
+`pending()` hands out alarm events first. Its size is bounded by a quota (`outbox_quota_bytes`,
+each message counted as topic + payload + MESSAGE_OVERHEAD_BYTES): when a commit leaves it over
+the quota, expired data goes first, then the oldest data down to 90% of the quota, and only then,
+as the last resort, the oldest unpublished alarm events (their payload is emptied, the row kept);
+every drop is counted in StoreStats.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sqlite_utils import Database
 
@@ -32,14 +40,20 @@ from gateway.tasks import wait_for
 logger = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("ts_ns", "asset", "model", "model_version", "output", "value")
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
+# What one outbox message costs beyond its topic and payload: the row's other columns, its index
+# entries and page slack (bench --delivery measured ~860 bytes per alarm event in all, payload ~480).
+MESSAGE_OVERHEAD_BYTES = 384
+# After dropping data for the quota, stay this far under it, so the next commits do not drop again.
+_QUOTA_LOW_WATER = 0.9
+_EXPIRY_SWEEP_NS = 1_000_000_000
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 
 _EVENT_COLUMNS = (
     "event_id", "alarm_id", "event", "gateway_id", "asset", "rule", "kind", "output", "severity",
     "value", "threshold", "model", "model_version", "first_abnormal_source_ts_ns", "decided_at_ns",
-    "state", "event_seq", "cause", "topic", "payload", "qos", "stored_at_ns",
+    "state", "event_seq", "cause", "command_id", "topic", "payload", "qos", "stored_at_ns",
 )  # fmt: skip
 _INSERT_EVENT = (
     f"INSERT OR IGNORE INTO alarm_events ({', '.join(_EVENT_COLUMNS)}) "
@@ -79,12 +93,42 @@ class OpenAlarm(NamedTuple):
 
 
 class OutboxMessage(NamedTuple):
-    """One stored alarm event still to be published."""
+    """One stored message still to be published: an alarm event (its message id is the event id) or data."""
 
-    event_id: str
+    message_id: str
     topic: str
     payload: bytes
     qos: int
+    retain: bool = False
+    expires_at_ns: int = 0  # wall clock; 0 never expires
+    kind: str = "alarm"
+
+
+DataKind = Literal["score", "status"]
+
+
+class DataMessage(NamedTuple):
+    """A low-priority message for the outbox: a score that could not be published live, or a status.
+
+    A status replaces any status on the same topic still waiting: only the newest state matters.
+    """
+
+    message_id: str
+    kind: DataKind
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    expires_at_ns: int = 0
+
+
+class CommandRecord(NamedTuple):
+    """The alarm event an operator command with an id caused, for answering its retries."""
+
+    alarm_id: str
+    event_id: str
+    state: str
+    decided_at_ns: int
 
 
 @dataclass
@@ -96,6 +140,46 @@ class StoreStats:
     events_written: int = 0
     commits: int = 0
     last_error: str | None = None
+    # The outbox as of the last commit: unpublished alarm events and data messages, and their bytes.
+    outbox_alarm_events: int = 0
+    outbox_messages: int = 0
+    outbox_bytes: int = 0
+    outbox_quota_bytes: int = 0
+    # Since start: low-priority messages dropped (quota or a full queue), by kind; alarm events
+    # dropped by the quota (last resort); data expired unsent; statuses replaced by a newer one.
+    outbox_dropped_scores: int = 0
+    outbox_dropped_status: int = 0
+    outbox_dropped_alarm_events: int = 0
+    outbox_expired: int = 0
+    outbox_superseded: int = 0
+
+
+@dataclass
+class _Tally:
+    """The writer's running count of the outbox, copied per transaction and kept only if it commits."""
+
+    alarm_events: int = 0
+    alarm_bytes: int = 0
+    messages: int = 0
+    message_bytes: int = 0
+    swept_at_ns: int = 0
+    # This transaction's drops by kind, expiries and replaced statuses, added to StoreStats on commit.
+    dropped: dict[str, int] = field(default_factory=lambda: {"score": 0, "status": 0, "alarm": 0})
+    expired: int = 0
+    superseded: int = 0
+
+    @property
+    def total(self) -> int:
+        """Bytes the outbox counts against its quota."""
+        return (
+            self.alarm_bytes
+            + self.message_bytes
+            + (self.alarm_events + self.messages) * MESSAGE_OVERHEAD_BYTES
+        )
+
+    def copy(self) -> _Tally:
+        """The counts, with the per-transaction drops at zero, to change inside one transaction."""
+        return replace(self, dropped={"score": 0, "status": 0, "alarm": 0}, expired=0, superseded=0)
 
 
 class NewEvent(NamedTuple):
@@ -119,13 +203,19 @@ _Job = tuple[Callable[[Database], Any], Callable[[Any, BaseException | None], No
 class Store:
     """The gateway's SQLite file; `start()` before use, `stop()` flushes and closes it."""
 
-    def __init__(self, path: Path, *, queue_size: int = 10_000, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: Path, *, queue_size: int = 10_000, busy_timeout_s: float = 5.0,
+        outbox_quota_bytes: int = 256 * 2**20,
+    ) -> None:  # fmt: skip
         self.path = Path(path)
-        self.stats = StoreStats()
+        self.stats = StoreStats(outbox_quota_bytes=outbox_quota_bytes)
         self._queue_size = queue_size
         self._busy_timeout_s = busy_timeout_s
+        self._quota = outbox_quota_bytes
         self._cond = threading.Condition()
         self._scores: deque[tuple[Any, ...]] = deque(maxlen=queue_size)
+        self._messages: deque[DataMessage] = deque(maxlen=queue_size)
+        self._tally = _Tally()
         # Bounded by _event_slots (one per event): a full queue makes add_alarm_events wait, never drop.
         self._events: deque[_PendingBatch] = deque()
         self._marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]] = []
@@ -171,6 +261,22 @@ class Store:
             self._scores.extend(rows)
             self._cond.notify()
 
+    def add_messages(self, items: Sequence[DataMessage]) -> None:
+        """Queue low-priority messages for the outbox; drops the oldest queued when full (counted by kind)."""
+        self._check_running()
+        with self._cond:
+            for old in itertools.islice(
+                self._messages, max(0, len(self._messages) + len(items) - self._queue_size)
+            ):
+                self._count_dropped(old.kind, 1)
+            self._messages.extend(items)
+            self._cond.notify()
+
+    @property
+    def data_waiting(self) -> int:
+        """Low-priority messages in the outbox or queued for it: while any wait, new ones join the queue."""
+        return self.stats.outbox_messages + len(self._messages)
+
     async def add_alarm_event(self, event: AlarmEvent, topic: str, payload: bytes, *, qos: int = 1) -> None:
         """Store one alarm event in the outbox and update its alarm row; returns once committed."""
         await self.add_alarm_events([NewEvent(event, topic, payload, qos)])
@@ -210,7 +316,7 @@ class Store:
         await fut
 
     async def pending(self, limit: int = 100) -> list[OutboxMessage]:
-        """Unpublished alarm events, oldest first."""
+        """Unpublished messages, oldest first: alarm events while any wait, else unexpired data."""
 
         def read(db: Database) -> list[OutboxMessage]:
             cur = db.execute(
@@ -218,7 +324,30 @@ class Store:
                 "WHERE published_at_ns IS NULL ORDER BY seq LIMIT ?",
                 [limit],
             )
-            return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3]) for r in cur.fetchall()]
+            alarms = [OutboxMessage(r[0], r[1], bytes(r[2]), r[3]) for r in cur.fetchall()]
+            if alarms:
+                return alarms
+            cur = db.execute(
+                "SELECT message_id, topic, payload, qos, retain, expires_at_ns, kind FROM outbox "
+                "WHERE expires_at_ns = 0 OR expires_at_ns > ? ORDER BY seq LIMIT ?",
+                [time.time_ns(), limit],
+            )
+            return [
+                OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in cur.fetchall()
+            ]
+
+        return await self._submit_read(read)
+
+    async def command_record(self, user: str, command_id: str) -> CommandRecord | None:
+        """The stored event that `user`'s command `command_id` caused, if it was executed (before a restart too)."""
+
+        def read(db: Database) -> CommandRecord | None:
+            row = db.execute(
+                "SELECT alarm_id, event_id, state, decided_at_ns FROM alarm_events "
+                "WHERE command_id = ? AND cause = ? ORDER BY seq DESC LIMIT 1",
+                [command_id, f"operator:{user}"],
+            ).fetchone()
+            return None if row is None else CommandRecord(*row)
 
         return await self._submit_read(read)
 
@@ -235,14 +364,14 @@ class Store:
 
         return await self._submit_read(read)
 
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
-        """Record that the broker acknowledged these events."""
-        if not event_ids:
+    async def mark_published(self, message_ids: Sequence[str]) -> None:
+        """Record that the broker acknowledged these messages: alarm events are kept as sent, data deleted."""
+        if not message_ids:
             return
         self._check_running()
         fut = self._new_future()
         with self._cond:
-            self._marks.append((list(event_ids), self._threadsafe(lambda exc: _settle(fut, None, exc))))
+            self._marks.append((list(message_ids), self._threadsafe(lambda exc: _settle(fut, None, exc))))
             self._cond.notify()
         await fut
 
@@ -327,6 +456,8 @@ class Store:
             db = Database(conn)
             db.enable_wal()
             _create_schema(db)
+            self._tally = _count_outbox(db)
+            self._publish_tally(self._tally)
         except BaseException:
             conn.close()
             raise
@@ -336,15 +467,17 @@ class Store:
         delay = _RETRY_MIN_S
         while True:
             with self._cond:
-                while not (self._scores or self._events or self._marks or self._reads or self._stopping):
+                while not (self._queued() or self._stopping):
                     self._cond.wait()
                 scores = list(self._scores)
                 self._scores.clear()
+                messages = list(self._messages)
+                self._messages.clear()
                 events = list(self._events)
                 self._events.clear()
                 marks, self._marks = self._marks, []
                 reads, self._reads = self._reads, []
-            ok = self._write(db, scores, events, marks)
+            ok = self._write(db, scores, messages, events, marks)
             for fn, reply in reads:
                 try:
                     reply(fn(db), None)
@@ -365,7 +498,7 @@ class Store:
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             with self._cond:
-                if self._stopping and not (self._scores or self._events or self._marks or self._reads):
+                if self._stopping and not self._queued():
                     break
         with self._cond:
             leftover = list(self._events)
@@ -376,34 +509,43 @@ class Store:
         for _, mark_done in marks:
             mark_done(StoreError("store stopped before the mark was saved"))
 
+    def _queued(self) -> bool:
+        return bool(self._scores or self._messages or self._events or self._marks or self._reads)
+
     def _write(
         self,
         db: Database,
         scores: list[tuple[Any, ...]],
+        messages: list[DataMessage],
         events: list[_PendingBatch],
         marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]],
     ) -> bool:
-        if not (scores or events or marks):
+        if not (scores or messages or events or marks):
             return True
+        tally = self._tally.copy()
         try:
-            # FULL syncs the WAL at each commit so an acknowledged alarm survives power loss; scores alone
-            # use NORMAL (consistent, a power cut may lose the last commits).
+            # FULL syncs the WAL at each commit so an acknowledged alarm survives power loss; scores and
+            # data alone use NORMAL (consistent, a power cut may lose the last commits).
             self._set_sync(db, full=bool(events or marks))
             now = time.time_ns()
             with _immediate(db):
                 if scores:
                     db.table("scores").insert_all(itertools.chain([SCORE_COLUMNS], scores))
-                new_events = sum(_write_event(db, item, now) for batch in events for item in batch.items)
+                new_events = sum(
+                    _write_event(db, item, now, tally) for batch in events for item in batch.items
+                )
+                for m in messages:
+                    _write_message(db, m, now, tally)
                 for ids, _ in marks:
-                    db.execute(
-                        f"UPDATE alarm_events SET published_at_ns = ? WHERE published_at_ns IS NULL "
-                        f"AND event_id IN ({', '.join('?' * len(ids))})",
-                        [now, *ids],
-                    )
+                    _mark(db, ids, now, tally)
+                if tally.messages and now - tally.swept_at_ns >= _EXPIRY_SWEEP_NS:
+                    _drop_expired(db, now, tally)
+                if tally.total > self._quota:
+                    self._enforce_quota(db, now, tally)
         except sqlite3.Error as exc:
             if not self._failing:
                 logger.error(
-                    "store: commit failed on %s: %s (alarm events kept and retried, scores dropped)",
+                    "store: commit failed on %s: %s (alarm events kept and retried, scores and data dropped)",
                     self.path,
                     exc,
                 )
@@ -411,10 +553,14 @@ class Store:
             with self._cond:
                 self.stats.last_error = f"commit failed: {exc}"
                 self.stats.scores_dropped += len(scores)
+                for m in messages:
+                    self._count_dropped(m.kind, 1)
             return False
         if self._failing:
             logger.info("store: commits succeed again on %s", self.path)
             self._failing = False
+        self._tally = tally
+        self._publish_tally(tally)
         self.stats.commits += 1
         self.stats.scores_written += len(scores)
         self.stats.events_written += new_events
@@ -424,32 +570,168 @@ class Store:
             reply(None)
         return True
 
+    def _enforce_quota(self, db: Database, now: int, tally: _Tally) -> None:
+        """Bring the outbox back under its quota: data first (oldest first), alarm events only as the last resort."""
+        _drop_expired(db, now, tally)
+        low_water = int(self._quota * _QUOTA_LOW_WATER)
+        while tally.total > low_water and tally.messages:
+            rows = db.execute(
+                "SELECT seq, kind, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256"
+            ).fetchall()
+            last = None
+            for seq, kind, size in rows:
+                if tally.total <= low_water:
+                    break
+                last = seq
+                tally.messages -= 1
+                tally.message_bytes -= size
+                tally.dropped[kind] = tally.dropped.get(kind, 0) + 1
+            db.execute("DELETE FROM outbox WHERE seq <= ?", [last])
+        if tally.total <= self._quota:
+            return
+        before = tally.alarm_events
+        while tally.total > self._quota and tally.alarm_events:
+            rows = db.execute(
+                "SELECT seq, length(topic) + length(payload) FROM alarm_events "
+                "WHERE published_at_ns IS NULL ORDER BY seq LIMIT 256"
+            ).fetchall()
+            last = None
+            for seq, size in rows:
+                if tally.total <= self._quota:
+                    break
+                last = seq
+                tally.alarm_events -= 1
+                tally.alarm_bytes -= size
+            # The row stays as the record of the transition; only its undelivered message goes.
+            db.execute(
+                "UPDATE alarm_events SET payload = X'', published_at_ns = ?, dropped_at_ns = ? "
+                "WHERE published_at_ns IS NULL AND seq <= ?",
+                [now, now, last],
+            )
+        dropped = before - tally.alarm_events
+        tally.dropped["alarm"] += dropped
+        logger.error(
+            "outbox: quota of %d bytes full of alarm events alone; dropped the %d oldest undelivered",
+            self._quota,
+            dropped,
+        )
+
+    def _count_dropped(self, kind: str, n: int) -> None:
+        """Add to the drop counter of a message kind (caller holds the lock or is the writer)."""
+        if kind == "score":
+            self.stats.outbox_dropped_scores += n
+        elif kind == "status":
+            self.stats.outbox_dropped_status += n
+        else:
+            self.stats.outbox_dropped_alarm_events += n
+
+    def _publish_tally(self, tally: _Tally) -> None:
+        with self._cond:
+            st = self.stats
+            st.outbox_alarm_events = tally.alarm_events
+            st.outbox_messages = tally.messages
+            st.outbox_bytes = tally.total
+            for kind, n in tally.dropped.items():
+                self._count_dropped(kind, n)
+            st.outbox_expired += tally.expired
+            st.outbox_superseded += tally.superseded
+
     def _set_sync(self, db: Database, *, full: bool) -> None:
         if self._sync_full != full:
             db.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             self._sync_full = full
 
 
-def _write_event(db: Database, item: NewEvent, now: int) -> bool:
+def _write_event(db: Database, item: NewEvent, now: int, tally: _Tally) -> bool:
     e = item.event
     cur = db.execute(_INSERT_EVENT, [
         e.event_id, e.alarm_id, e.event, e.gateway_id, e.asset, e.rule, e.kind, e.output, e.severity,
         e.value, e.threshold, e.model, e.model_version, e.first_abnormal_source_ts_ns, e.decided_at_ns,
-        e.state, e.seq, e.cause, item.topic, item.payload, item.qos, now,
+        e.state, e.seq, e.cause, e.command_id, item.topic, item.payload, item.qos, now,
     ])  # fmt: skip
     if cur.rowcount == 0:
         return False  # a duplicate event id (e.g. replayed after a restart) must not touch its alarm again
+    tally.alarm_events += 1
+    tally.alarm_bytes += len(item.topic) + len(item.payload)
     db.execute(_UPSERT_ALARM, [
         e.alarm_id, e.asset, e.rule, e.kind, e.output, e.severity, e.model, e.model_version,
         e.state, e.seq, e.first_abnormal_source_ts_ns, e.shelved_until_ns, e.decided_at_ns,
     ])  # fmt: skip
     if e.event == "raised":
-        db.execute(_SET_RAISED, [e.value, e.threshold, e.decided_at_ns, e.first_abnormal_source_ts_ns, e.alarm_id])
+        db.execute(
+            _SET_RAISED, [e.value, e.threshold, e.decided_at_ns, e.first_abnormal_source_ts_ns, e.alarm_id]
+        )
     elif e.event == "cleared":
         db.execute(_SET_CLEARED, [e.decided_at_ns, e.value, e.alarm_id])
     elif e.event == "acknowledged":
         db.execute(_SET_ACKED, [e.decided_at_ns, e.cause, e.alarm_id])
     return True
+
+
+def _write_message(db: Database, m: DataMessage, now: int, tally: _Tally) -> None:
+    if m.kind == "status":
+        # Only the newest status matters: one still waiting on the same topic is replaced.
+        old = db.execute(
+            "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox "
+            "WHERE kind = 'status' AND topic = ?",
+            [m.topic],
+        ).fetchone()
+        if old[0]:
+            db.execute("DELETE FROM outbox WHERE kind = 'status' AND topic = ?", [m.topic])
+            tally.messages -= old[0]
+            tally.message_bytes -= old[1]
+            tally.superseded += old[0]
+    cur = db.execute(
+        "INSERT OR IGNORE INTO outbox (message_id, kind, topic, payload, qos, retain, expires_at_ns, stored_at_ns) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [m.message_id, m.kind, m.topic, m.payload, m.qos, int(m.retain), m.expires_at_ns, now],
+    )
+    if cur.rowcount:
+        tally.messages += 1
+        tally.message_bytes += len(m.topic) + len(m.payload)
+
+
+def _mark(db: Database, ids: Sequence[str], now: int, tally: _Tally) -> None:
+    """Alarm events acknowledged by the broker are kept as sent; data messages are deleted."""
+    marks = ", ".join("?" * len(ids))
+    size = "count(*), coalesce(sum(length(topic) + length(payload)), 0)"
+    n, b = db.execute(
+        f"SELECT {size} FROM alarm_events WHERE published_at_ns IS NULL AND event_id IN ({marks})", ids
+    ).fetchone()
+    if n:
+        db.execute(
+            f"UPDATE alarm_events SET published_at_ns = ? WHERE published_at_ns IS NULL AND event_id IN ({marks})",
+            [now, *ids],
+        )
+        tally.alarm_events -= n
+        tally.alarm_bytes -= b
+    n, b = db.execute(f"SELECT {size} FROM outbox WHERE message_id IN ({marks})", ids).fetchone()
+    if n:
+        db.execute(f"DELETE FROM outbox WHERE message_id IN ({marks})", ids)
+        tally.messages -= n
+        tally.message_bytes -= b
+
+
+def _drop_expired(db: Database, now: int, tally: _Tally) -> None:
+    """Delete data whose expiry passed unsent: a late score misleads more than a missing one."""
+    tally.swept_at_ns = now
+    where = "expires_at_ns BETWEEN 1 AND ?"
+    n, b = db.execute(
+        f"SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE {where}", [now]
+    ).fetchone()
+    if n:
+        db.execute(f"DELETE FROM outbox WHERE {where}", [now])
+        tally.messages -= n
+        tally.message_bytes -= b
+        tally.expired += n
+
+
+def _count_outbox(db: Database) -> _Tally:
+    """The outbox as stored, counted once at open; each commit then keeps the count."""
+    size = "count(*), coalesce(sum(length(topic) + length(payload)), 0)"
+    alarms = db.execute(f"SELECT {size} FROM alarm_events WHERE published_at_ns IS NULL").fetchone()
+    data = db.execute(f"SELECT {size} FROM outbox").fetchone()
+    return _Tally(alarm_events=alarms[0], alarm_bytes=alarms[1], messages=data[0], message_bytes=data[1])
 
 
 def _create_schema(db: Database) -> None:
@@ -464,8 +746,9 @@ def _create_schema(db: Database) -> None:
                 "seq": int, "event_id": str, "alarm_id": str, "event": str, "gateway_id": str, "asset": str,
                 "rule": str, "kind": str, "output": str, "severity": str, "value": float, "threshold": float,
                 "model": str, "model_version": str, "first_abnormal_source_ts_ns": int, "decided_at_ns": int,
-                "state": str, "event_seq": int, "cause": str,
+                "state": str, "event_seq": int, "cause": str, "command_id": str,
                 "topic": str, "payload": bytes, "qos": int, "stored_at_ns": int, "published_at_ns": int,
+                "dropped_at_ns": int,
             },
             # An explicit INTEGER PRIMARY KEY keeps insertion order stable across VACUUM.
             pk="seq",
@@ -477,6 +760,17 @@ def _create_schema(db: Database) -> None:
             "CREATE INDEX IF NOT EXISTS idx_alarm_events_unpublished ON alarm_events(seq) "
             "WHERE published_at_ns IS NULL"
         )
+        db.table("outbox").create(
+            {
+                "seq": int, "message_id": str, "kind": str, "topic": str, "payload": bytes, "qos": int,
+                "retain": int, "expires_at_ns": int, "stored_at_ns": int,
+            },
+            pk="seq",
+            not_null={"message_id", "kind", "topic", "payload", "qos", "retain", "expires_at_ns"},
+            if_not_exists=True,
+        )  # fmt: skip
+        db.table("outbox").create_index(["message_id"], unique=True, if_not_exists=True)
+        db.table("outbox").create_index(["expires_at_ns"], if_not_exists=True)
         db.table("alarms").create(
             {
                 "alarm_id": str, "asset": str, "rule": str, "kind": str, "output": str, "severity": str,
@@ -490,13 +784,27 @@ def _create_schema(db: Database) -> None:
             if_not_exists=True,
         )  # fmt: skip
         _migrate(db)
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS idx_alarm_events_command ON alarm_events(command_id) "
+            "WHERE command_id IS NOT NULL"
+        )
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
 
-# Columns added by schema 2 (the alarm lifecycle); a schema-1 file gets them, and its states renamed.
-_ADDED_IN_2 = {
-    "alarm_events": {"state": str, "event_seq": int, "cause": str},
-    "alarms": {"seq": int, "acked_at_ns": int, "acked_by": str, "shelved_until_ns": int, "updated_at_ns": int},
+# Columns each schema version added to existing tables: schema 2 the alarm lifecycle, schema 3 the
+# command that caused an event and alarm events dropped by the outbox quota. (New tables are created.)
+_ADDED = {
+    2: {
+        "alarm_events": {"state": str, "event_seq": int, "cause": str},
+        "alarms": {
+            "seq": int,
+            "acked_at_ns": int,
+            "acked_by": str,
+            "shelved_until_ns": int,
+            "updated_at_ns": int,
+        },
+    },
+    3: {"alarm_events": {"command_id": str, "dropped_at_ns": int}},
 }
 
 
@@ -505,11 +813,16 @@ def _migrate(db: Database) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version >= _SCHEMA_VERSION:
         return
-    for table, columns in _ADDED_IN_2.items():
-        have = set(db[table].columns_dict)
-        for name, kind in columns.items():
-            if name not in have:
-                db[table].add_column(name, kind)
+    for added_in, tables in _ADDED.items():
+        if version >= added_in:
+            continue
+        for table, columns in tables.items():
+            have = set(db[table].columns_dict)
+            for name, kind in columns.items():
+                if name not in have:
+                    db[table].add_column(name, kind)
+    if version >= 2:
+        return
     # Schema 1 knew active and cleared; nobody could acknowledge, so an active alarm is unacknowledged.
     db.execute(
         "UPDATE alarms SET state = CASE state WHEN 'active' THEN 'unack' ELSE 'normal' END, "

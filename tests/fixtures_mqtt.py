@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -20,7 +21,7 @@ from paho.mqtt.properties import Properties
 from gateway.alarms import AlarmEvent, EventType
 from gateway.config import MqttConfig
 from gateway.demo.broker import EmbeddedBroker, MosquittoBroker, MqttProtocol, amqtt_installed, find_mosquitto
-from gateway.sinks.mqtt import MqttPublisher
+from gateway.sinks.mqtt import MqttPublisher, drain_outbox
 from gateway.store import Store
 from tests.conftest import free_port
 
@@ -71,7 +72,8 @@ class Received:
 
 
 class Subscriber:
-    """A real paho client that subscribes to `topic` and collects messages (thread-safe)."""
+    """A real paho client that subscribes to `topic` and collects messages (thread-safe); it logs in
+    as `username` when given (a broker with a password file and an ACL)."""
 
     def __init__(
         self,
@@ -82,6 +84,8 @@ class Subscriber:
         client_id: str = "",
         session_expiry_s: int = 0,
         protocol: MqttProtocol = "5",
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self._port = port
         self._v5 = protocol == "5"
@@ -93,6 +97,8 @@ class Subscriber:
         self._subscribed = threading.Event()
         version = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -195,4 +201,23 @@ async def store_and_publisher(db: Path, cfg: MqttConfig) -> AsyncIterator[tuple[
         yield store, pub
     finally:
         await pub.stop()
+        await store.stop()
+
+
+@contextlib.asynccontextmanager
+async def draining(
+    store: Store, publisher: MqttPublisher, wake: asyncio.Event | None = None, **options: Any
+) -> AsyncIterator[asyncio.Event]:
+    """drain_outbox(store, publisher, wake, **options) in a task; yields `wake` (a new Event unless given).
+
+    On exit the task is cancelled, then `publisher` and `store` (started by the caller) are stopped.
+    """
+    wake = asyncio.Event() if wake is None else wake
+    drain = asyncio.ensure_future(drain_outbox(store, publisher, wake, **options))
+    try:
+        yield wake
+    finally:
+        drain.cancel()
+        await asyncio.gather(drain, return_exceptions=True)
+        await publisher.stop()
         await store.stop()

@@ -21,6 +21,7 @@ from asyncua import ua
 
 from gateway.browse_cli import add_browse_command
 from gateway.config import SourceConfig
+from gateway.demo.fastread import ArrayVariables
 from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
@@ -39,6 +40,16 @@ async def running_simulator(port: int | None = None, **options: Any) -> AsyncIte
         yield sim
     finally:
         await sim.stop()
+
+
+@contextlib.asynccontextmanager
+async def fast_simulator(**options: Any) -> AsyncIterator[tuple[PlcSimulator, ArrayVariables]]:
+    """running_simulator(fast_read=True, ...): the simulator and the array variables its fast Reads and
+    subscriptions are served from (their counters say which path a request took)."""
+    async with running_simulator(fast_read=True, **options) as sim:
+        variables = sim.variables
+        assert variables is not None
+        yield sim, variables
 
 
 def source_config(endpoint: str, **overrides: Any) -> SourceConfig:

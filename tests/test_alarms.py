@@ -12,6 +12,7 @@ from gateway.alarms import AlarmEngine, AlarmEvent, AlarmRule, AlarmState, Comma
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 from gateway.manifest import ModelManifest
+from tests.fixtures_config import pumps_config
 
 GW = "gw01"
 
@@ -268,8 +269,13 @@ def test_suppression_by_design_hides_the_alarm_until_lifted() -> None:
     assert _feed(engine, 0.1, 4) == []  # the condition ends while suppressed: followed, not announced
     with pytest.raises(CommandError, match="suppressed by design"):
         engine.shelve("bearing", "P-101", until_ns=99, by="eve", now_ns=5)
-    (lifted,) = engine.set_suppressed("P-101", False, reason="running", now_ns=6)
-    assert (lifted.event, lifted.state, lifted.alarm_id) == ("unsuppressed", "normal", raised.alarm_id)
+    (lifted,) = engine.set_suppressed("P-101", False, reason="stopped", now_ns=6)
+    assert (lifted.event, lifted.state, lifted.alarm_id, lifted.cause) == (
+        "unsuppressed",
+        "normal",
+        raised.alarm_id,
+        "design:running",
+    )
     assert engine.active() == []
 
 
@@ -289,25 +295,11 @@ def _manifest(name: str, kind: str, **extra: Any) -> ModelManifest:
 
 
 def _config(alarms: list[dict[str, Any]]) -> GatewayConfig:
-    return GatewayConfig.model_validate(
-        {
-            "sources": [{"name": "plc1", "endpoint": "opc.tcp://127.0.0.1:4840"}],
-            "assets": [
-                {
-                    "name": n,
-                    "source": "plc1",
-                    "window": {"length": 4, "hop": 1},
-                    "tags": [{"name": "a", "node_id": f"ns=2;s={n}.a"}],
-                }
-                for n in ("P-101", "P-102")
-            ],
-            "models": [
-                {"name": "ae", "path": "ae.onnx", "assets": ["P-101", "P-102"]},
-                {"name": "clf", "path": "clf.onnx", "assets": ["P-102"]},
-            ],
-            "alarms": alarms,
-        }
-    )
+    models = [
+        {"name": "ae", "path": "ae.onnx", "assets": ["P-101", "P-102"]},
+        {"name": "clf", "path": "clf.onnx", "assets": ["P-102"]},
+    ]
+    return pumps_config(models=models, alarms=alarms)
 
 
 MANIFESTS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,57 +13,46 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.alarms import AlarmEngine, AlarmEvent, AlarmRule
-from gateway.commands import CommandHandler, command_filter, command_schema, response_topic
+from gateway.alarms import AlarmEngine, AlarmEvent
+from gateway.commands import CommandHandler, command_schema, response_topic
 from gateway.config import CommandsConfig, MqttConfig
 from gateway.demo.broker import MosquittoBroker
 from gateway.errors import ConfigError
 from gateway.sinks.mqtt import MqttPublisher
+from gateway.store import Store
+from tests.fixtures_commands import RULE, ask, running_commands
 from tests.fixtures_mqtt import Subscriber
 
 REPO = Path(__file__).resolve().parent.parent
-RULE = AlarmRule(
-    name="bearing", model="ae", output="score", value_index=0, high=0.8, low=0.6, direction="above",
-    on_delay=1, severity="high", kind="anomaly_score", model_version="1", assets=frozenset({"pump01"}),
-)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
 async def handler(
-    port: int, protocol: str = "5", **commands: Any
+    port: int, protocol: str = "5", *, db: Path | None = None, **commands: Any
 ) -> AsyncIterator[tuple[CommandHandler, list[AlarmEvent], AlarmEvent]]:
-    """A CommandHandler on a real broker, whose engine has one raised alarm; emitted events are collected."""
+    """A CommandHandler on a real broker and a real SQLite store (`db`, else a temporary file), whose
+    engine has one raised alarm; emitted events are stored and collected."""
     cfg = MqttConfig(port=port, site="plant1", protocol=protocol, commands=CommandsConfig(**commands))  # type: ignore[arg-type]
     engine = AlarmEngine([RULE], gateway_id="gw")
     (raised,) = engine.decide("ae", "pump01", np.array([0.9]), source_ts_ns=1, now_ns=1)
     emitted: list[AlarmEvent] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(db or Path(tmp) / "gw.db")
+        await store.start()
 
-    async def emit(event: AlarmEvent) -> None:
-        emitted.append(event)
+        async def emit(event: AlarmEvent) -> None:
+            await store.add_alarm_event(event, "t/alarm", b"{}")
+            emitted.append(event)
 
-    publisher = MqttPublisher(cfg, gateway_id="gw", version="t", started_at="t")
-    assert cfg.commands is not None
-    h = CommandHandler(cfg, cfg.commands, engine, emit, publisher)
-    publisher.subscribe(command_filter(cfg), h.on_message)
-    await publisher.start()
-    task = asyncio.create_task(h.run())
-    try:
-        assert await publisher.wait_connected(10)
-        yield h, emitted, raised
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await publisher.stop()
-
-
-async def ask(client: Subscriber, user: str, command: str, body: Any, **props: Any) -> dict[str, Any]:
-    """Publish one command and await its response on the client's subscription (`client.messages[-1]`)."""
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    before = len(client.messages)
-    client.publish(f"edge/plant1/cmd/{user}/{command}", payload, **props)
-    msgs = await client.await_for(lambda m: len([x for x in m[before:] if "/cmd/" not in x.topic]) >= 1)
-    return json.loads([m for m in msgs[before:] if "/cmd/" not in m.topic][0].payload)
+        publisher = MqttPublisher(cfg, gateway_id="gw", version="t", started_at="t")
+        assert cfg.commands is not None
+        h = CommandHandler(cfg, cfg.commands, engine, emit, publisher, store)
+        try:
+            async with running_commands(h, publisher):
+                yield h, emitted, raised
+        finally:
+            await publisher.stop()
+            await store.stop()
 
 
 def test_acknowledge_is_answered_on_the_v5_response_topic_with_correlation_data(
@@ -187,8 +177,30 @@ def test_a_shared_secret_authorizes_and_a_repeated_command_id_is_answered_not_ex
             assert first["ok"] and "duplicate" not in first
             assert again == {**first, "duplicate": True}
             assert len(emitted) == 1 and h.executed == 1
+            assert emitted[0].command_id == "ack-42"
 
     asyncio.run(main())
+
+
+def test_a_command_id_retried_after_a_restart_is_answered_from_the_store_not_executed(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    async def run(body: dict[str, Any], user: str) -> tuple[dict[str, Any], list[AlarmEvent], str]:
+        # A new handler and engine on the same SQLite file: what a gateway restart leaves.
+        async with handler(mosquitto.port, db=tmp_path / "gw.db", users=["op1", "op2"]) as (h, emitted, raised):
+            with Subscriber(mosquitto.port, response_topic(h.cfg, user)) as client:
+                reply = await ask(client, user, "acknowledge", {"alarm_id": raised.alarm_id, **body})
+            return reply, emitted, h.engine.states[("bearing", "pump01")].state
+
+    first, emitted, _ = asyncio.run(run({"command_id": "ack-7"}, "op1"))
+    retried, emitted_again, state = asyncio.run(run({"command_id": "ack-7"}, "op1"))
+    assert first["ok"] and [e.command_id for e in emitted] == ["ack-7"]
+    assert retried == {**first, "duplicate": True}
+    # Not executed again: no event, and this (fresh) engine's alarm is still unacknowledged.
+    assert emitted_again == [] and state == "unack"
+    # The id is per user: another operator's command with the same id is a new command.
+    other, emitted_other, state = asyncio.run(run({"command_id": "ack-7"}, "op2"))
+    assert other["ok"] and "duplicate" not in other and len(emitted_other) == 1 and state == "acked"
 
 
 def test_commands_need_someone_authorized_and_an_unset_secret_is_a_config_error(

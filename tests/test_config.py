@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
+from gateway.alarms import COMM_LOSS, FLOOD
+from gateway.config import SYSTEM_RULES, load_config
 from gateway.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,3 +167,12 @@ def test_running_tag_must_be_a_scalar_tag_of_the_asset(tmp_path: Path) -> None:
     assert "assets[0]: Value error, running.tag 'speed' is not a tag of this asset" in msg
     ok = VALID.replace("    window: {length: 32, hop: 5}\n", "    window: {length: 32, hop: 5}\n    running: {tag: temperature, above: 5}\n")
     assert load_config(write(tmp_path, ok)).assets[0].running.above == 5.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEM_RULES))
+def test_a_model_rule_may_not_take_a_system_alarms_name(tmp_path: Path, name: str) -> None:
+    text = VALID.replace("mqtt:\n", "models:\n  - {name: ae, path: ae.onnx, assets: [pump01]}\nalarms:\n"
+                         f"  - {{name: {name}, model: ae}}\nmqtt:\n")  # fmt: skip
+    [msg] = problems(tmp_path, text)
+    assert f"alarms[0].name: {name!r} is the name of a system alarm; choose another" in msg
+    assert SYSTEM_RULES == {COMM_LOSS, FLOOD}  # the names the engine gives its own alarms

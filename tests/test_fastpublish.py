@@ -20,7 +20,7 @@ from gateway.demo.signals import TAGS
 from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
 from tests.conftest import wait_for_condition
-from tests.fixtures_opcua import STILL, running_simulator, running_source, unix_ns
+from tests.fixtures_opcua import STILL, fast_simulator, running_simulator, running_source, unix_ns
 
 BAD = ua.StatusCodes.BadSensorFailure
 UNCERTAIN = ua.StatusCodes.UncertainLastUsableValue
@@ -222,8 +222,8 @@ def test_fast_and_plain_simulators_notify_the_same() -> None:
 
 def test_publish_sequence_numbers_acknowledgements_republish_and_keepalives() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **STILL) as sim:
-            notifier = sim.variables.notifier
+        async with fast_simulator(n_pumps=1, **STILL) as (sim, variables):
+            notifier = variables.notifier
             async with Client(sim.endpoint) as client:
                 raw = RawSubscription(client)
                 await raw.create(keepalive=3)
@@ -262,8 +262,8 @@ def test_filters_trigger_and_deadband_against_the_last_reported_value() -> None:
         deadband = ua.DataChangeFilter(status_value, int(ua.DeadbandType.Absolute), 0.5)
         on_status = ua.DataChangeFilter(ua.DataChangeTrigger.Status)
         on_timestamp = ua.DataChangeFilter(ua.DataChangeTrigger.StatusValueTimestamp)
-        async with running_simulator(n_pumps=1, fast_read=True, **{**WINDOWS, "nan_tag": None}) as sim:
-            notifier = sim.variables.notifier
+        async with fast_simulator(n_pumps=1, **{**WINDOWS, "nan_tag": None}) as (sim, variables):
+            notifier = variables.notifier
             async with Client(sim.endpoint) as client:
                 raw = RawSubscription(client)
                 await raw.create()
@@ -292,7 +292,7 @@ def test_filters_trigger_and_deadband_against_the_last_reported_value() -> None:
 
 def test_each_item_keeps_its_newest_queue_size_values() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **STILL) as sim:
+        async with fast_simulator(n_pumps=1, **STILL) as (sim, _):
             async with Client(sim.endpoint) as client:
                 raw = RawSubscription(client)
                 await raw.create()
@@ -313,8 +313,8 @@ def test_each_item_keeps_its_newest_queue_size_values() -> None:
 
 def test_deleted_subscriptions_and_closed_sessions_leave_nothing_behind() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **STILL) as sim:
-            notifier = sim.variables.notifier
+        async with fast_simulator(n_pumps=1, **STILL) as (sim, variables):
+            notifier = variables.notifier
             subscriptions = sim.server.iserver.subscription_service.subscriptions
             baseline = asyncio.all_tasks()
             keeper_seen = Recorder()
@@ -362,8 +362,8 @@ def test_items_asyncua_must_notify_get_its_callbacks() -> None:
             self.values.append(val)
 
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **STILL) as sim:
-            notifier = sim.variables.notifier
+        async with fast_simulator(n_pumps=1, **STILL) as (sim, variables):
+            notifier = variables.notifier
             handler = Handler()
             # A server-side subscription (no PublishRequests) and a Sampling item stay asyncua's.
             internal = await sim.server.create_subscription(20, handler)
@@ -388,7 +388,7 @@ def test_without_the_publish_hook_notifications_go_through_asyncua(
     monkeypatch.setattr(fastpublish, "PUBLISH_HOOK", False)
 
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **WINDOWS) as sim:
+        async with fast_simulator(n_pumps=1, **WINDOWS) as (sim, variables):
             async with Client(sim.endpoint) as client:
                 raw = RawSubscription(client)
                 await raw.create()
@@ -397,7 +397,7 @@ def test_without_the_publish_hook_notifications_go_through_asyncua(
                 await sim.write_values(values(3.0), 6.0)
                 assert items(await raw.publish()) == expected(sim, range(8))
                 assert sim.data_value(1, "pressure").StatusCode.value == BAD
-            assert (sim.variables.notifier.fast_items, sim.variables.notifier.blocks) == (0, 0)
+            assert (variables.notifier.fast_items, variables.notifier.blocks) == (0, 0)
 
     with caplog.at_level(logging.WARNING, logger="gateway.demo.fastpublish"):
         asyncio.run(main())

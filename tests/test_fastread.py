@@ -22,7 +22,14 @@ from gateway.demo.simulator import PlcSimulator
 from gateway.latest import LatestValues
 from gateway.sources.uabinary import EncodedRead, ReadDecoder
 from tests.conftest import wait_for_condition
-from tests.fixtures_opcua import STILL, running_simulator, running_source, unix_ns, write_uncertain_and_await
+from tests.fixtures_opcua import (
+    STILL,
+    fast_simulator,
+    running_simulator,
+    running_source,
+    unix_ns,
+    write_uncertain_and_await,
+)
 
 BAD = ua.StatusCodes.BadSensorFailure
 UNCERTAIN = ua.StatusCodes.UncertainLastUsableValue
@@ -103,9 +110,7 @@ def test_encoded_results_are_asyncuas_bytes(values: list[float], codes: list[int
 
 def test_fast_read_sends_the_bytes_asyncua_sends() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=2, fast_read=True, **WINDOWS) as sim:
-            variables = sim.variables
-            assert variables is not None
+        async with fast_simulator(n_pumps=2, **WINDOWS) as (sim, variables):
             nodes = node_ids(sim)
             async with counted_client(sim.endpoint) as client:
                 fast = await EncodedRead(read_params(nodes)).send(client.uaclient)
@@ -138,13 +143,13 @@ def test_fast_and_plain_simulators_serve_the_same_datavalues() -> None:
     async def main() -> None:
         async with (
             running_simulator(n_pumps=2, **WINDOWS) as plain_sim,
-            running_simulator(n_pumps=2, fast_read=True, **WINDOWS) as fast_sim,
+            fast_simulator(n_pumps=2, **WINDOWS) as (fast_sim, fast_variables),
         ):
             results = []
             for sim in (plain_sim, fast_sim):
                 async with Client(sim.endpoint) as client:
                     results.append(await client.uaclient.read(read_params(node_ids(sim))))
-            assert fast_sim.variables is not None and fast_sim.variables.fast_reads == 1
+            assert fast_variables.fast_reads == 1
         plain, fast = results
         assert [without_timestamps(dv) for dv in fast] == [without_timestamps(dv) for dv in plain]
         assert (
@@ -160,9 +165,7 @@ def test_fast_and_plain_simulators_serve_the_same_datavalues() -> None:
 
 def test_repeated_parameters_are_planned_once_and_other_requests_fall_back() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=2, fast_read=True, **WINDOWS) as sim:
-            variables = sim.variables
-            assert variables is not None
+        async with fast_simulator(n_pumps=2, **WINDOWS) as (sim, variables):
             nodes = node_ids(sim)
             async with counted_client(sim.endpoint) as client:
                 first = await client.uaclient.read(read_params(nodes))
@@ -190,9 +193,7 @@ def test_gateway_poll_and_subscriptions_follow_a_running_fast_simulator() -> Non
 
     async def main() -> None:
         quiet = {"fault_pump": None, "bad_tag": None, "nan_tag": None}
-        async with running_simulator(n_pumps=2, rate_hz=20, fast_read=True, **quiet) as sim:
-            variables = sim.variables
-            assert variables is not None
+        async with fast_simulator(n_pumps=2, rate_hz=20, **quiet) as (sim, variables):
             handler = Handler()
             async with Client(sim.endpoint) as client:
                 sub = await client.create_subscription(50, handler)
@@ -208,9 +209,7 @@ def test_gateway_poll_and_subscriptions_follow_a_running_fast_simulator() -> Non
 
 def test_a_write_from_outside_is_served_until_the_next_update() -> None:
     async def main() -> None:
-        async with running_simulator(n_pumps=1, fast_read=True, **STILL) as sim:
-            variables = sim.variables
-            assert variables is not None
+        async with fast_simulator(n_pumps=1, **STILL) as (sim, variables):
             latest = LatestValues(len(sim.tags))
             async with running_source(sim.endpoint, sim.tags, latest):
                 await wait_for_condition(lambda: variables.fast_reads > 0)
@@ -229,9 +228,7 @@ def test_without_the_read_hook_reads_go_through_asyncua(
     monkeypatch.setattr(fastread, "READ_HOOK", False)
 
     async def main() -> None:
-        async with running_simulator(n_pumps=2, fast_read=True, **WINDOWS) as sim:
-            variables = sim.variables
-            assert variables is not None
+        async with fast_simulator(n_pumps=2, **WINDOWS) as (sim, variables):
             async with Client(sim.endpoint) as client:
                 results = await client.uaclient.read(read_params(node_ids(sim)))
             assert (variables.fast_reads, variables.plain_reads) == (0, 0)

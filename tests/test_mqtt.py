@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,18 +18,25 @@ from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.demo.broker import BrokerError, MosquittoBroker, MqttProtocol, find_mosquitto
 from gateway.errors import PublishError
-from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
+from gateway.sinks.mqtt import MqttPublisher, drain_once
 from gateway.sinks.payloads import alarm_payload, alarm_topic, status_topic
 from gateway.store import NewEvent, Store
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_mqtt import Received, Subscriber, make_event, make_publisher, store_and_publisher
+from tests.fixtures_mqtt import (
+    Received,
+    Subscriber,
+    draining,
+    make_event,
+    make_publisher,
+    store_and_publisher,
+)
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 ALARM_FIELDS = {
     "alarm_id", "event_id", "event", "gateway_id", "site", "asset", "rule", "kind", "output", "severity",
     "value", "threshold", "model", "model_version", "first_abnormal_source_ts", "decided_at", "state", "seq",
-    "cause", "shelved_until", "schema",
+    "cause", "shelved_until", "command_id", "schema",
 }  # fmt: skip
 
 
@@ -63,7 +71,7 @@ def test_alarm_arrives_at_qos1_with_documented_fields(
     body = json.loads(msg.payload)
     assert set(body) == ALARM_FIELDS
     assert body["event_id"] == event.event_id and body["event"] == "raised" and body["site"] == "plant1"
-    assert body["value"] == 2.5 and body["threshold"] == 1.0 and body["schema"] == 2
+    assert body["value"] == 2.5 and body["threshold"] == 1.0 and body["schema"] == 3
     assert body["first_abnormal_source_ts"] == "2023-11-14T22:13:20.123Z"
     assert body["decided_at"] == "2023-11-14T22:13:21.000Z"
 
@@ -89,10 +97,12 @@ def test_online_status_is_retained_for_later_subscribers(mosquitto: MosquittoBro
 
     (msg,) = asyncio.run(main())
     assert msg.retain and msg.topic == "edge/plant1/gw01/status"
-    assert json.loads(msg.payload) == {
-        "state": "online", "gateway_id": "gw01", "version": "0.1.0",
-        "started_at": "2024-01-01T00:00:00.000Z", "schema": 1,
+    body = json.loads(msg.payload)
+    assert body == {
+        "message_id": body["message_id"], "state": "online", "gateway_id": "gw01", "version": "0.1.0",
+        "started_at": "2024-01-01T00:00:00.000Z", "stats": None, "schema": 2,
     }  # fmt: skip
+    assert re.fullmatch(r"gw01:[0-9a-f]{12}:online", body["message_id"])
 
 
 _KILLED_GATEWAY = """
@@ -228,9 +238,7 @@ def test_outbox_delivers_events_stored_while_the_broker_was_down(tmp_path: Path)
         await store.start()
         pub = make_publisher(cfg)
         await pub.start()
-        wake = asyncio.Event()
-        drain = asyncio.ensure_future(drain_outbox(store, pub, wake))
-        try:
+        async with draining(store, pub) as wake:
             for e in events:
                 await store.add_alarm_event(
                     e, alarm_topic(cfg, gateway_id="gw01", event=e), alarm_payload(e, site="plant1")
@@ -238,17 +246,12 @@ def test_outbox_delivers_events_stored_while_the_broker_was_down(tmp_path: Path)
                 wake.set()
             await wait_for_condition(lambda: pub.stats.failed >= 1, what="a drain round against no broker")
             assert "cannot connect" in (pub.stats.last_error or "")
-            assert [m.event_id for m in await store.pending()] == [e.event_id for e in events]
+            assert [m.message_id for m in await store.pending()] == [e.event_id for e in events]
             await asyncio.to_thread(broker.start)
             await wait_for_condition(
                 lambda: pub.stats.published == len(events), timeout=40, what="outbox drained"
             )
             assert await store.pending() == []
-        finally:
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-            await pub.stop()
-            await store.stop()
         with Subscriber(port, "edge/plant1/+/alarm", client_id="audit", session_expiry_s=3600) as sub:
             got = await sub.await_for(len(events))
         return [json.loads(m.payload)["event_id"] for m in got], pub
@@ -304,7 +307,7 @@ def test_a_refused_publish_marks_only_the_acknowledged_prefix_and_the_rest_is_re
             with pytest.raises(PublishError, match="Not authorized"):
                 await drain_once(store, pub, window=window)
             # Publishes behind the refused one may have been acknowledged too; they are not marked.
-            assert [m.event_id for m in await store.pending()] == ids[refused:]
+            assert [m.message_id for m in await store.pending()] == ids[refused:]
             acl.write_text("topic read #\ntopic write edge/#\n")
             assert broker.pid is not None
             os.kill(broker.pid, signal.SIGHUP)

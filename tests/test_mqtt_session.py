@@ -16,12 +16,12 @@ from pydantic import ValidationError
 from gateway.alarms import AlarmEvent
 from gateway.config import MqttConfig
 from gateway.demo.broker import MosquittoBroker, MqttProtocol, find_mosquitto
-from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
+from gateway.sinks.mqtt import MqttPublisher, drain_once
 from gateway.sinks.payloads import alarm_payload, alarm_topic, score_topic
 from gateway.store import Store
 from gateway.tasks import backoff_delay
 from tests.conftest import free_port, wait_for_condition
-from tests.fixtures_mqtt import Subscriber, make_event, make_publisher, store_and_publisher
+from tests.fixtures_mqtt import Subscriber, draining, make_event, make_publisher, store_and_publisher
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
@@ -77,9 +77,7 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order_exactly_once(
         await store.start()
         pub = make_publisher(cfg)
         await pub.start()
-        wake = asyncio.Event()
-        drain = asyncio.ensure_future(drain_outbox(store, pub, wake, retry_s=0.1, max_backoff_s=0.4))
-        try:
+        async with draining(store, pub, retry_s=0.1, max_backoff_s=0.4) as wake:
             assert await pub.wait_connected(10)
             assert not pub.stats.session_present  # nothing to resume yet
             for e in before:
@@ -105,11 +103,6 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order_exactly_once(
             wake.set()
             await wait_for_condition(lambda: pub.stats.published == len(before) + len(while_down) + 1)
             assert await store.pending() == []
-        finally:
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-            await pub.stop()
-            await store.stop()
         with Subscriber(port, "edge/plant1/+/alarm", client_id="audit", session_expiry_s=3600) as sub:
             got = await sub.await_for(lambda msgs: sentinel.event_id.encode() in msgs[-1].payload)
         return [json.loads(m.payload)["event_id"] for m in got]

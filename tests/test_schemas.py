@@ -26,16 +26,20 @@ from gateway.alarms import (
     comm_loss_model,
     comm_loss_rules,
 )
-from gateway.config import GatewayConfig, GatewaySection, Severity
+from gateway.config import GatewaySection, Severity
 from gateway.manifest import OutputKind
 from gateway.sinks.payloads import (
     ALARM_SCHEMA,
     SCHEMA_VERSION,
+    MessageIds,
     alarm_payload,
     iso_utc,
     score_payload,
     status_payload,
+    status_stats,
 )
+from gateway.store import StoreStats
+from tests.fixtures_config import pumps_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SCHEMAS = ("alarm-event", "status", "score")
@@ -95,7 +99,7 @@ def _lifecycle() -> list[AlarmEvent]:
     out.append(engine.shelve("bearing", "P-101", until_ns=T0 + 20 * S, by="carol", now_ns=T0 + 9 * S))
     out.extend(engine.expire_shelves(T0 + 20 * S))  # by expiry -> unack
     out.extend(engine.set_suppressed("P-101", True, reason="stopped", now_ns=T0 + 21 * S))
-    out.extend(engine.set_suppressed("P-101", False, reason="running", now_ns=T0 + 22 * S))  # -> unack
+    out.extend(engine.set_suppressed("P-101", False, reason="stopped", now_ns=T0 + 22 * S))  # -> unack
     feed(0.1, 23)  # cleared -> rtn_unack
     out.append(engine.acknowledge(out[-1].alarm_id, by="bob", now_ns=T0 + 24 * S))  # -> normal
     # A quiet alarm shelved opens an occurrence that was never raised: value is NaN, sent as null.
@@ -106,22 +110,7 @@ def _lifecycle() -> list[AlarmEvent]:
 
 def _comm_loss_events() -> list[AlarmEvent]:
     """The comm_loss system alarm raised and cleared, decided as the gateway does (no source times)."""
-    cfg = GatewayConfig.model_validate(
-        {
-            "gateway": {"id": GW},
-            "sources": [
-                {"name": "plc1", "endpoint": "opc.tcp://127.0.0.1:4840", "comm_loss": {"delay_s": 10}}
-            ],
-            "assets": [
-                {
-                    "name": "P-101",
-                    "source": "plc1",
-                    "window": {"length": 4, "hop": 1},
-                    "tags": [{"name": "a", "node_id": "ns=2;s=P-101.a"}],
-                }
-            ],
-        }
-    )
+    cfg = pumps_config(["P-101"], source={"comm_loss": {"delay_s": 10}}, gateway={"id": GW})
     engine = AlarmEngine(comm_loss_rules(cfg, version=__version__), gateway_id=cfg.gateway.id)
     model = comm_loss_model("plc1")
     raised = engine.decide(model, "P-101", np.array([12.5]), source_ts_ns=0, now_ns=T0)
@@ -129,12 +118,27 @@ def _comm_loss_events() -> list[AlarmEvent]:
     return raised + cleared
 
 
-def _status(state: Literal["online", "offline"] = "online") -> bytes:
-    return status_payload(state, gateway_id=GW, version=__version__, started_at=iso_utc(T0))
+IDS = MessageIds(GW)
+
+
+def _status(state: Literal["online", "offline"] = "online", stats: dict[str, Any] | None = None) -> bytes:
+    message_id = IDS.named(state) if stats is None else IDS.next()
+    return status_payload(
+        state, message_id=message_id, gateway_id=GW, version=__version__, started_at=iso_utc(T0), stats=stats
+    )
+
+
+def _stats() -> dict[str, Any]:
+    store = StoreStats(
+        outbox_alarm_events=3, outbox_messages=40, outbox_bytes=51_200, outbox_quota_bytes=2**20,
+        outbox_dropped_scores=7, outbox_expired=2,
+    )  # fmt: skip
+    return status_stats(at_ns=T0 + 60 * S, active_alarms=1, store=store, scores_published=90, scores_dropped=1)
 
 
 def _score(values: dict[str, float] | None = None, source_ts_ns: int = T0) -> bytes:
     return score_payload(
+        message_id=IDS.next(),
         asset="P-101", model="pump_ae", model_version="1.2.0", values=values or {"score": 0.12},
         source_ts_ns=source_ts_ns, decided_at_ns=T0 + 5_000_000,
     )  # fmt: skip
@@ -182,7 +186,35 @@ def test_non_finite_numbers_are_sent_as_null_and_validate(bad: float) -> None:
 
 @pytest.mark.parametrize("state", ["online", "offline"])
 def test_status_payload_validates(state: Literal["online", "offline"]) -> None:
-    assert _valid("status", _status(state))["state"] == state
+    status = _valid("status", _status(state))
+    assert (status["state"], status["stats"], status["message_id"]) == (state, None, f"{IDS.prefix}:{state}")
+
+
+def test_periodic_status_with_outbox_stats_validates() -> None:
+    stats = _valid("status", _status(stats=_stats()))["stats"]
+    assert stats["outbox"] == {
+        "alarm_events": 3, "messages": 40, "bytes": 51_200, "quota_bytes": 2**20,
+        "dropped_scores": 7, "dropped_status": 0, "dropped_alarm_events": 0, "expired": 2,
+    }  # fmt: skip
+    assert (stats["active_alarms"], stats["scores"], stats["at"]) == (
+        1,
+        {"published": 90, "dropped": 1},
+        iso_utc(T0 + 60 * S),
+    )
+
+
+def test_message_ids_are_unique_and_stable_per_process() -> None:
+    other = MessageIds(GW)
+    ids = [IDS.next() for _ in range(3)]
+    assert len(set(ids)) == 3 and all(i.startswith(f"{GW}:") for i in ids)
+    assert other.prefix != IDS.prefix  # a restart never reuses the ids of the last run
+    assert IDS.named("online") == IDS.named("online")
+
+
+def test_an_event_caused_by_a_command_carries_its_id() -> None:
+    acked = replace(_lifecycle()[1], command_id="scada-42")
+    assert _valid("alarm-event", alarm_payload(acked, site=SITE))["command_id"] == "scada-42"
+    assert _valid("alarm-event", alarm_payload(_lifecycle()[0], site=SITE))["command_id"] is None
 
 
 def test_score_payload_validates_with_and_without_source_times() -> None:
@@ -224,12 +256,21 @@ REJECTED: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("alarm-event", "schema 1 event_id", lambda p: p.update(event_id=f"{p['alarm_id']}:raised")),
     ("alarm-event", "schema 1", _set("schema", 1)),
     ("alarm-event", "empty asset", _set("asset", "")),
+    ("alarm-event", "schema 2", _set("schema", 2)),
+    ("alarm-event", "missing command_id", _drop("command_id")),
+    ("alarm-event", "empty command_id", _set("command_id", "")),
+    ("status", "missing message_id", _drop("message_id")),
+    ("status", "missing stats", _drop("stats")),
+    ("status", "stats as a string", _set("stats", "ok")),
+    ("status", "schema 1", _set("schema", 1)),
     ("status", "missing started_at", _drop("started_at")),
     ("status", "unknown field", _set("pid", 42)),
     ("status", "unknown state", _set("state", "sleeping")),
     ("status", "schema as string", _set("schema", "1")),
     ("status", "started_at not a time", _set("started_at", "bench")),
     ("score", "missing values", _drop("values")),
+    ("score", "missing message_id", _drop("message_id")),
+    ("score", "message_id of another form", _set("message_id", "42")),
     ("score", "unknown field", _set("window", 3)),
     ("score", "value as string", _set("values", {"score": "high"})),
     ("score", "no values", _set("values", {})),

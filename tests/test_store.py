@@ -32,18 +32,18 @@ def test_events_pending_in_order_until_marked_published(tmp_path: Path) -> None:
             await store.add_alarm_event(make_event(n), f"t/{n}", f"p{n}".encode())
         await store.add_alarm_event(make_event(1, "cleared", value=0.2), "t/1", b"c1")
         before = await store.pending()
-        await store.mark_published([before[0].event_id, before[2].event_id])
+        await store.mark_published([before[0].message_id, before[2].message_id])
         after = await store.pending()
         await store.stop()
         return before, after
 
     before, after = asyncio.run(main())
-    assert [m.event_id for m in before] == [
+    assert [m.message_id for m in before] == [
         make_event(3).event_id, make_event(1).event_id, make_event(2).event_id,
         make_event(1, "cleared").event_id,
     ]  # fmt: skip
     assert before[0] == OutboxMessage(make_event(3).event_id, "t/3", b"p3", 1)
-    assert [m.event_id for m in after] == [make_event(1).event_id, make_event(1, "cleared").event_id]
+    assert [m.message_id for m in after] == [make_event(1).event_id, make_event(1, "cleared").event_id]
     db = tmp_path / "g.db"
     assert _sql(db, "SELECT count(*) FROM alarm_events WHERE published_at_ns IS NOT NULL") == [(2,)]
     alarms = dict(_sql(db, "SELECT alarm_id, state FROM alarms"))
@@ -67,7 +67,7 @@ def test_unpublished_events_survive_a_restart_and_replays_are_ignored(tmp_path: 
     async def second_run() -> tuple[list[str], int]:
         store = Store(path)
         await store.start()
-        ids = [m.event_id for m in await store.pending()]
+        ids = [m.message_id for m in await store.pending()]
         # A restart that replays the same decisions must not create second copies or reopen the alarm.
         await store.add_alarm_event(make_event(1), "t", b"r1-again")
         await store.add_alarm_event(make_event(2), "t", b"r2-again")
@@ -271,7 +271,7 @@ def test_open_alarms_keep_their_newest_state_and_a_schema_1_file_is_migrated(tmp
     assert set(by_id) == {"old-active", raised.alarm_id}  # old-cleared is normal now
     assert (by_id["old-active"].state, by_id["old-active"].seq, by_id["old-active"].raised_value) == ("unack", 1, 4.0)
     assert (by_id[raised.alarm_id].state, by_id[raised.alarm_id].seq) == ("rtn_unack", 2)
-    assert _sql(path, "PRAGMA user_version") == [(2,)]
+    assert _sql(path, "PRAGMA user_version") == [(3,)]
     assert _sql(path, "SELECT state, seq FROM alarms WHERE alarm_id = 'old-cleared'") == [("normal", 2)]
     assert _sql(path, "SELECT count(*) FROM alarm_events") == [(4,)]
 

@@ -165,7 +165,13 @@ class AlarmView:
             self.scores[payload["asset"]] = payload["values"]["score"]
         elif topic.endswith("/status"):
             self.status = payload
-            print(f"[{time.monotonic() - self._t0:6.1f}s] gateway status: {payload.get('state')}", flush=True)
+            stats = payload.get("stats")
+            waiting = (
+                f" (outbox: {stats['outbox']['alarm_events']} alarm events, {stats['outbox']['messages']} others waiting)"
+                if stats
+                else ""
+            )
+            print(f"[{time.monotonic() - self._t0:6.1f}s] gateway status: {payload.get('state')}{waiting}", flush=True)
 
     def score_line(self) -> str:
         """One line with the latest anomaly score of every pump."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
-from gateway.sinks.payloads import status_payload, status_topic
+from gateway.sinks.payloads import MessageIds, status_payload, status_topic
 from gateway.store import OutboxMessage, Store
 from gateway.tasks import backoff_delay, wait_event, wait_for
 
@@ -93,13 +95,19 @@ class PublisherStats:
 class MqttPublisher:
     """Publishes to one broker; `start()` never waits for the broker, `publish()` waits for its PUBACK."""
 
-    def __init__(self, cfg: MqttConfig, *, gateway_id: str, version: str, started_at: str) -> None:
+    def __init__(
+        self, cfg: MqttConfig, *, gateway_id: str, version: str, started_at: str, ids: MessageIds | None = None
+    ) -> None:
         self.cfg = cfg
         self.stats = PublisherStats()
         self.status_topic = status_topic(cfg, gateway_id)
         self._client_id = cfg.client_id or f"edge-gateway-{gateway_id}"
+        ids = ids or MessageIds(gateway_id)
+        # The birth (re-sent on every connect) and the will keep one id each for the whole process.
         self._status = {
-            state: status_payload(state, gateway_id=gateway_id, version=version, started_at=started_at)
+            state: status_payload(
+                state, message_id=ids.named(state), gateway_id=gateway_id, version=version, started_at=started_at
+            )
             for state in ("online", "offline")
         }
         self._where = f"{cfg.host}:{cfg.port}"
@@ -107,7 +115,8 @@ class MqttPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._stopping = False
-        self._connected_evt: asyncio.Event | None = None
+        # Made here, not in start(): a waiter that comes before start() waits instead of spinning.
+        self._connected_evt = asyncio.Event()
         self._inflight: asyncio.Semaphore | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._v5 = cfg.protocol == "5"
@@ -130,7 +139,6 @@ class MqttPublisher:
     async def start(self) -> None:
         """Configure the client and start connecting in the background; a down broker is not an error."""
         self._loop = asyncio.get_running_loop()
-        self._connected_evt = asyncio.Event()
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         password = self.cfg.password()
         # tls_set reads certificate files: keep that off the loop.
@@ -188,8 +196,6 @@ class MqttPublisher:
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a connection; True if connected."""
-        if self._connected_evt is None:
-            return False
         await wait_event(self._connected_evt, timeout)
         return self._connected
 
@@ -283,7 +289,6 @@ class MqttPublisher:
         self._connected = True
         self.stats.connects += 1
         self.stats.session_present = session_present
-        assert self._connected_evt is not None
         self._connected_evt.set()
         logger.info(
             "mqtt: connected to %s (%s)", self._where, "session resumed" if session_present else "new session"
@@ -294,8 +299,7 @@ class MqttPublisher:
         # after the reconnect and their PUBACK resolves them.
         was = self._connected
         self._connected = False
-        if self._connected_evt is not None:
-            self._connected_evt.clear()
+        self._connected_evt.clear()
         if was and not self._stopping:
             self.stats.last_error = reason
             logger.warning("mqtt: %s; reconnecting in %.1f s", reason, delay)
@@ -417,7 +421,7 @@ async def drain_outbox(
     store: Store, publisher: MqttPublisher, wake: asyncio.Event, *, batch: int = 100,
     window: int = OUTBOX_WINDOW, retry_s: float = 1.0, max_backoff_s: float = 30.0,
 ) -> None:  # fmt: skip
-    """Publish stored alarm events in order, marking each only after its acknowledgement; runs until cancelled.
+    """Publish the outbox in order (alarm events first), marking each only after its acknowledgement; runs until cancelled.
 
     Wakes when `wake` is set (by whoever stores an event), when the broker connects, or every `retry_s`.
     A failed publish ends the round; it is retried with capped exponential backoff, never dropped.
@@ -471,8 +475,10 @@ async def _publish_in_order(
                 failure = await _settle_oldest(inflight, acked)
                 if failure is not None:
                     break
-            task = asyncio.ensure_future(publisher.publish(m.topic, m.payload, qos=m.qos))
-            inflight.append((m.event_id, task))
+            task = asyncio.ensure_future(
+                publisher.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, expiry_s=_expiry_left(m))
+            )
+            inflight.append((m.message_id, task))
         while inflight and failure is None:
             failure = await _settle_oldest(inflight, acked)
     finally:
@@ -492,18 +498,26 @@ async def _publish_in_order(
         raise failure
 
 
+def _expiry_left(m: OutboxMessage) -> int:
+    """Seconds of its MQTT 5 expiry a stored message has left (0: none), so waiting does not extend it."""
+    if not m.expires_at_ns:
+        return 0
+    # At least 1: a message that expired since it was read goes out with the shortest expiry, not none.
+    return max(1, math.ceil((m.expires_at_ns - time.time_ns()) / 1e9))
+
+
 async def _settle_oldest(
     inflight: deque[tuple[str, asyncio.Task[None]]], acked: list[str]
 ) -> BaseException | None:
-    """Wait for the oldest publish in flight; note its event as acknowledged, or return why it failed."""
-    event_id, task = inflight[0]
+    """Wait for the oldest publish in flight; note its message as acknowledged, or return why it failed."""
+    message_id, task = inflight[0]
     await asyncio.wait({task})
     inflight.popleft()
     if task.cancelled():
-        return PublishError(f"publish of {event_id} was cancelled")
+        return PublishError(f"publish of {message_id} was cancelled")
     exc = task.exception()
     if exc is None:
-        acked.append(event_id)
+        acked.append(message_id)
     return exc
 
 
