@@ -8,7 +8,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,12 +25,15 @@ from gateway.alarms import (
 from gateway.commands import CommandHandler, command_filter
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
+from gateway.exporter import MetricsExporter
 from gateway.flood import FloodTracker, flood_rules
 from gateway.inference.worker import InferenceWorker
 from gateway.latest import LatestValues, is_good
-from gateway.metrics import LatencyReservoir
+from gateway.metrics import InferenceStats, LatencyReservoir
 from gateway.models import LoadedModel, load_manifests, load_models
+from gateway.outbox import DataMessage
 from gateway.restore import Restored, restore_alarms
+from gateway.retention import HistoryRecorder, RetentionPolicy
 from gateway.sinks.mqtt import MqttPublisher, drain_once, drain_outbox
 from gateway.sinks.payloads import (
     MessageIds,
@@ -44,9 +47,12 @@ from gateway.sinks.payloads import (
 )
 from gateway.sources.opcua import OpcUaPollSource, OpcUaSource, SourceTag
 from gateway.sources.subscription import OpcUaSubscriptionSource
-from gateway.store import DataMessage, NewEvent, Store
+from gateway.store import NewEvent, Store
 from gateway.tasks import Supervisor, wait_for
 from gateway.windows import AssetSampler, Window
+
+if TYPE_CHECKING:
+    from gateway.service import ConfigState
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +103,20 @@ class Counters:
 class Gateway:
     """One gateway: sources -> samplers -> inference -> alarms -> store/outbox -> MQTT."""
 
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(self, cfg: GatewayConfig, *, config_state: ConfigState | None = None) -> None:
         self.cfg = cfg
+        # Which config file runs and how its reloads went (gateway.service); None when run directly.
+        self.config_state = config_state
+        # Set once start() returned: sources tried, models loaded, store open, pipeline running.
+        self.started = asyncio.Event()
+        # Set by the service before a reload stops this gateway: a successor takes over at once, so
+        # SCADA must not see `offline`.
+        self.reloading = False
         self.started_at = iso_utc(time.time_ns())
         self.counters = Counters()
         self.latency = LatencyReservoir()
+        self.inference_stats = InferenceStats()
+        self.exporter: MetricsExporter | None = None
         # One table row per channel: a scalar tag has one, an array tag one per element.
         self.latest = LatestValues(sum(len(a.channels) for a in cfg.assets))
         self.samplers: dict[str, AssetSampler] = {}
@@ -123,7 +138,12 @@ class Gateway:
             )
             for s in cfg.sources
         ]
-        self.store = Store(cfg.storage.path, outbox_quota_bytes=cfg.storage.outbox_quota_bytes)
+        self.store = Store(
+            cfg.storage.path,
+            outbox_quota_bytes=cfg.storage.outbox_quota_bytes,
+            retention=RetentionPolicy.from_config(cfg.storage),
+        )
+        self.history = HistoryRecorder(cfg.assets, cfg.storage.history_hz)
         self.ids = MessageIds(cfg.gateway.id)
         self.publisher = MqttPublisher(
             cfg.mqtt, gateway_id=cfg.gateway.id, version=__version__, started_at=self.started_at, ids=self.ids
@@ -208,6 +228,10 @@ class Gateway:
             len(self.latest),
             len(self.models),
         )
+        if self.cfg.metrics.enabled:
+            self.exporter = MetricsExporter(self, self.cfg.metrics)
+            await self.exporter.start()
+        self.started.set()
 
     async def _restored_alarms(self, rules: list[AlarmRule]) -> Restored:
         """Alarms open at the last stop keep their state and id, assets the reasons they are suppressed."""
@@ -237,6 +261,8 @@ class Gateway:
         def left(cap: float = float("inf")) -> float:
             return max(0.1, min(cap, deadline - time.monotonic()))
 
+        if self.exporter is not None:
+            await self.exporter.stop()
         sup = self.supervisor
         watch = [
             t for t in (self._command_task, self._watch_task, self._health_task, self._status_task) if t is not None
@@ -256,7 +282,7 @@ class Gateway:
                     str(exc) or "timed out",
                 )
         await sup.close(left(1.0))
-        await self.publisher.stop(timeout=left(2.0))
+        await self.publisher.stop(timeout=left(2.0), publish_offline=not self.reloading)
         await self.store.stop(timeout=left())
         self.worker.close()
         logger.info("gateway %s stopped", self.cfg.gateway.id)
@@ -284,6 +310,8 @@ class Gateway:
                 if window is not None:
                     for model in self._models_of_asset[window.asset]:
                         self.queues[model].put(window)
+            if history := self.history.rows(samplers):
+                self.store.add_samples(history)
             tick += period
             while time.monotonic_ns() >= tick + period // 2:  # held up for whole slots: skip, count
                 tick += period
@@ -305,6 +333,7 @@ class Gateway:
             if not windows:
                 continue
             batch = np.stack([w.data[:, model.columns[w.asset]] for w in windows])
+            began = time.perf_counter()
             try:
                 outputs = await self.worker.call(model.backend.run, model.normalizer.apply(batch))
                 values = model.manifest.values(outputs)
@@ -317,6 +346,7 @@ class Gateway:
                 continue
             self.counters.inference_calls += 1
             self.counters.windows_inferred += len(windows)
+            self.inference_stats.observe(model.cfg.name, time.perf_counter() - began, len(windows))
             await self._decide(model, windows, values)
 
     async def _decide(self, model: LoadedModel, windows: list[Window], values: np.ndarray) -> None:
@@ -522,6 +552,7 @@ class Gateway:
             "flood": self.engine.flood.status() if self.engine and self.engine.flood else None,
             "store": vars(self.store.stats).copy(),
             "mqtt": vars(self.publisher.stats).copy(),
+            "config": vars(self.config_state).copy() if self.config_state is not None else None,
             "commands": (
                 {"executed": self.commands.executed, "refused": self.commands.refused, "dropped": self.commands.dropped}
                 if self.commands is not None

@@ -14,48 +14,31 @@ from gateway import __version__
 from gateway.browse_cli import add_browse_command
 from gateway.certs import add_certs_command
 from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
+from gateway.history import add_history_commands
+from gateway.logs import setup_logging
 
 logger = logging.getLogger("gateway")
 
 
-def setup_logging(level: str) -> None:
-    """One line per record, no tracebacks for expected failures (those are logged as one line)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # asyncua logs each connect at INFO and a lost link as several WARNINGs; the source logs one line.
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and the model files without connecting to anything."""
-    from gateway.alarms import build_rules
-    from gateway.config import load_config
-    from gateway.models import load_manifests, load_models
+    from gateway.service import validate_config
 
-    cfg = load_config(args.config)
-    manifests = load_manifests(cfg)
-    models = load_models(cfg, manifests)
-    rules = build_rules(cfg, manifests)
-    n_tags = sum(len(a.tags) for a in cfg.assets)
-    n_channels = sum(len(a.channels) for a in cfg.assets)
-    tags = f"{n_tags} tag(s)" if n_channels == n_tags else f"{n_tags} tag(s) ({n_channels} channels)"
-    print(
-        f"{args.config}: OK: {len(cfg.sources)} source(s), {len(cfg.assets)} asset(s), {tags}, "
-        f"{len(models)} model(s), {len(rules)} alarm rule(s)"
-    )
+    _, summary = validate_config(args.config)
+    print(f"{args.config}: OK: {summary}")
     return EXIT_OK
 
 
 async def _run_until_signalled(cfg_path: Path) -> int:
-    from gateway.app import Gateway
     from gateway.config import load_config
+    from gateway.sdnotify import Notifier
+    from gateway.service import Service
+    from gateway.watchdog import ServiceNotifier
 
     cfg = load_config(cfg_path)
-    gateway = Gateway(cfg)
-    shutdown = asyncio.Event()
+    # READY=1, STATUS= and watchdog pings for systemd (Type=notify); does nothing when run by hand.
+    notify = ServiceNotifier(Notifier(), cfg)
+    service = Service(cfg_path, cfg, on_started=notify.started)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -64,20 +47,28 @@ async def _run_until_signalled(cfg_path: Path) -> int:
         signals_seen += 1
         if signals_seen == 1:
             logger.info("%s received: stopping (send again to force)", signal.Signals(signum).name)
-            shutdown.set()
+            notify.stopping()
+            service.request_stop()
         else:
             logger.error("second signal: exiting without a clean shutdown")
             logging.shutdown()
             # sys.exit would still wait for the loop's tasks and worker threads, which may be what hangs.
             os._exit(EXIT_RUNTIME)
 
+    def on_reload() -> None:
+        logger.info("SIGHUP received: reloading %s", cfg_path)
+        notify.reloading()
+        service.request_reload()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    return await gateway.run(shutdown)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    async with notify.running():
+        return await service.run()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the gateway until SIGTERM/SIGINT."""
+    """Run the gateway until SIGTERM/SIGINT; SIGHUP validates the config file again and, if valid, applies it."""
     return asyncio.run(_run_until_signalled(args.config))
 
 
@@ -112,6 +103,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the running daemon's metrics as tables (exit 3 when it cannot be reached)."""
+    from gateway.status_cli import run_status
+
+    return run_status(args.config, args.url, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(
@@ -123,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config file and its models; exit 0 if valid, 1 if not")
     c.add_argument("config", type=Path)
     c.set_defaults(func=cmd_check)
-    r = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
+    r = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT; SIGHUP reloads the config (validated first)")
     r.add_argument("config", type=Path)
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="simulated PLC, broker and gateway; shows alarms arriving over MQTT")
@@ -160,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     add_browse_command(sub)
     add_certs_command(sub)
+    add_history_commands(sub)
+    st = sub.add_parser("status", help="the running gateway's figures from its metrics endpoint; exit 3 if unreachable")
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, default=None, help="its config (default /etc/edge-gateway/config.yaml)")
+    where.add_argument("--url", default=None, help="its metrics URL, e.g. http://127.0.0.1:9108/metrics")
+    st.add_argument("--json", action="store_true", help="print every sample as one JSON object")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -256,11 +257,25 @@ class StorageConfig(_Model):
     # Disk the undelivered outbox may take (MiB; each message counted as topic + payload + 384 bytes).
     # When full: expired data, then the oldest scores and status, and alarm events last.
     outbox_quota_mb: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 256.0
+    # Scores, tag history and closed alarms older than this are deleted (open alarms and undelivered
+    # events never are).
+    retention_days: Annotated[float, Field(gt=0, le=36_500, allow_inf_nan=False)] = 90.0
+    # The whole file with its WAL (MiB); over it, the oldest scores and history go, closed alarms last.
+    max_db_mb: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 2048.0
+    # Tag history rows (table `samples`) per asset per second; 0 records none.
+    history_hz: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 1.0
+    # How often the retention pass runs (also once at start).
+    retention_interval_s: Annotated[float, Field(ge=1, le=86_400, allow_inf_nan=False)] = 600.0
 
     @property
     def outbox_quota_bytes(self) -> int:
         """The outbox quota in bytes."""
         return int(self.outbox_quota_mb * 2**20)
+
+    @property
+    def max_db_bytes(self) -> int:
+        """The database size bound in bytes."""
+        return int(self.max_db_mb * 2**20)
 
 
 class TlsConfig(_Model):
@@ -390,6 +405,36 @@ class FloodConfig(_Model):
     severity: Severity = "high"
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1): reachable from this device only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint, also what `edge-gateway status` reads."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 0: any free port (tests); `edge-gateway status --config` then cannot find it.
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    # Metrics name the plant's assets, models and PLCs: serving them beyond this device needs saying so.
+    allow_remote: bool = False
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> MetricsConfig:
+        if not self.allow_remote and not is_loopback_host(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address (127.0.0.1, ::1, localhost); metrics name "
+                "plant assets, so serving them on the network needs allow_remote: true"
+            )
+        return self
+
+
 class GatewayConfig(_Model):
     """The whole YAML file."""
 
@@ -401,6 +446,7 @@ class GatewayConfig(_Model):
     storage: StorageConfig = StorageConfig()
     mqtt: MqttConfig = MqttConfig()
     flood: FloodConfig = FloodConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def asset(self, name: str) -> AssetConfig:
         """The asset called `name` (validated to exist)."""

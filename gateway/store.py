@@ -14,6 +14,10 @@ each message counted as topic + payload + MESSAGE_OVERHEAD_BYTES): when a commit
 the quota, expired data goes first, then the oldest data down to 90% of the quota, and only then,
 as the last resort, the oldest unpublished alarm events (their payload is emptied, the row kept);
 every drop is counted in StoreStats.
+
+Tag history rows (`samples`) are queued like scores and written in the same commits. Between
+commits the writer runs the retention pass (gateway/retention.py) in short steps: once at start and
+every `RetentionPolicy.interval_s`, it bounds the file by age and size.
 """
 
 from __future__ import annotations
@@ -26,27 +30,39 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
 from gateway.alarms import AlarmEvent
 from gateway.errors import StoreError
+from gateway.outbox import (
+    EXPIRY_SWEEP_NS,
+    DataMessage,
+    OutboxMessage,
+    Tally,
+    count_outbox,
+    drop_expired,
+    enforce_quota,
+    mark,
+    write_message,
+)
+from gateway.retention import (
+    Deleted,
+    RetentionPolicy,
+    file_bytes,
+    immediate,
+    retention_pass,
+    use_incremental_vacuum,
+)
+from gateway.schema import create_schema
 from gateway.tasks import wait_for
 
 logger = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("ts_ns", "asset", "model", "model_version", "output", "value")
-_SCHEMA_VERSION = 3
-# What one outbox message costs beyond its topic and payload: the row's other columns, its index
-# entries and page slack (bench --delivery measured ~860 bytes per alarm event in all, payload ~480).
-MESSAGE_OVERHEAD_BYTES = 384
-# After dropping data for the quota, stay this far under it, so the next commits do not drop again.
-_QUOTA_LOW_WATER = 0.9
-_EXPIRY_SWEEP_NS = 1_000_000_000
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 
@@ -92,36 +108,6 @@ class OpenAlarm(NamedTuple):
     shelved_until_ns: int
 
 
-class OutboxMessage(NamedTuple):
-    """One stored message still to be published: an alarm event (its message id is the event id) or data."""
-
-    message_id: str
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool = False
-    expires_at_ns: int = 0  # wall clock; 0 never expires
-    kind: str = "alarm"
-
-
-DataKind = Literal["score", "status"]
-
-
-class DataMessage(NamedTuple):
-    """A low-priority message for the outbox: a score that could not be published live, or a status.
-
-    A status replaces any status on the same topic still waiting: only the newest state matters.
-    """
-
-    message_id: str
-    kind: DataKind
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    expires_at_ns: int = 0
-
-
 class CommandRecord(NamedTuple):
     """The alarm event an operator command with an id caused, for answering its retries."""
 
@@ -152,34 +138,15 @@ class StoreStats:
     outbox_dropped_alarm_events: int = 0
     outbox_expired: int = 0
     outbox_superseded: int = 0
-
-
-@dataclass
-class _Tally:
-    """The writer's running count of the outbox, copied per transaction and kept only if it commits."""
-
-    alarm_events: int = 0
-    alarm_bytes: int = 0
-    messages: int = 0
-    message_bytes: int = 0
-    swept_at_ns: int = 0
-    # This transaction's drops by kind, expiries and replaced statuses, added to StoreStats on commit.
-    dropped: dict[str, int] = field(default_factory=lambda: {"score": 0, "status": 0, "alarm": 0})
-    expired: int = 0
-    superseded: int = 0
-
-    @property
-    def total(self) -> int:
-        """Bytes the outbox counts against its quota."""
-        return (
-            self.alarm_bytes
-            + self.message_bytes
-            + (self.alarm_events + self.messages) * MESSAGE_OVERHEAD_BYTES
-        )
-
-    def copy(self) -> _Tally:
-        """The counts, with the per-transaction drops at zero, to change inside one transaction."""
-        return replace(self, dropped={"score": 0, "status": 0, "alarm": 0}, expired=0, superseded=0)
+    # Tag history rows written, and dropped (queue full or a failed commit).
+    samples_written: int = 0
+    samples_dropped: int = 0
+    # Since start: rows the retention pass deleted; when its last pass ended; the file and WAL then.
+    retention_deleted_scores: int = 0
+    retention_deleted_samples: int = 0
+    retention_deleted_alarm_events: int = 0
+    last_retention_at_ns: int = 0
+    db_bytes: int = 0
 
 
 class NewEvent(NamedTuple):
@@ -205,7 +172,7 @@ class Store:
 
     def __init__(
         self, path: Path, *, queue_size: int = 10_000, busy_timeout_s: float = 5.0,
-        outbox_quota_bytes: int = 256 * 2**20,
+        outbox_quota_bytes: int = 256 * 2**20, retention: RetentionPolicy | None = None,
     ) -> None:  # fmt: skip
         self.path = Path(path)
         self.stats = StoreStats(outbox_quota_bytes=outbox_quota_bytes)
@@ -214,8 +181,13 @@ class Store:
         self._quota = outbox_quota_bytes
         self._cond = threading.Condition()
         self._scores: deque[tuple[Any, ...]] = deque(maxlen=queue_size)
+        self._samples: deque[tuple[int, str, str]] = deque(maxlen=queue_size)
+        self._retention = retention or RetentionPolicy()
+        # The retention pass in progress (one step per writer round), and when the next one is due.
+        self._pass: Iterator[Deleted] | None = None
+        self._next_pass = 0.0
         self._messages: deque[DataMessage] = deque(maxlen=queue_size)
-        self._tally = _Tally()
+        self._tally = Tally()
         # Bounded by _event_slots (one per event): a full queue makes add_alarm_events wait, never drop.
         self._events: deque[_PendingBatch] = deque()
         self._marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]] = []
@@ -259,6 +231,14 @@ class Store:
             # The deque's maxlen discards the oldest rows; count them before it does.
             self.stats.scores_dropped += max(0, len(self._scores) + len(rows) - self._queue_size)
             self._scores.extend(rows)
+            self._cond.notify()
+
+    def add_samples(self, rows: Sequence[tuple[int, str, str]]) -> None:
+        """Queue tag history rows (ts_ns, asset, values_json); drops oldest when full."""
+        self._check_running()
+        with self._cond:
+            self.stats.samples_dropped += max(0, len(self._samples) + len(rows) - self._queue_size)
+            self._samples.extend(rows)
             self._cond.notify()
 
     def add_messages(self, items: Sequence[DataMessage]) -> None:
@@ -335,6 +315,22 @@ class Store:
             return [
                 OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in cur.fetchall()
             ]
+
+        return await self._submit_read(read)
+
+    async def oldest_waiting_ns(self) -> int | None:
+        """Wall-clock ns at which the oldest message still in the outbox was stored; None when none waits."""
+        if not (self.stats.outbox_alarm_events or self.stats.outbox_messages):
+            return None
+
+        def read(db: Database) -> int | None:
+            # Each side's oldest row by seq (insertion order), through the indexes pending() uses.
+            row = db.execute(
+                "SELECT min(t) FROM ("
+                "SELECT (SELECT stored_at_ns FROM alarm_events WHERE published_at_ns IS NULL ORDER BY seq LIMIT 1) AS t "
+                "UNION ALL SELECT (SELECT stored_at_ns FROM outbox ORDER BY seq LIMIT 1))"
+            ).fetchone()
+            return None if row[0] is None else int(row[0])
 
         return await self._submit_read(read)
 
@@ -454,9 +450,10 @@ class Store:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, check_same_thread=False)
         try:
             db = Database(conn)
+            use_incremental_vacuum(db, self.path)
             db.enable_wal()
-            _create_schema(db)
-            self._tally = _count_outbox(db)
+            create_schema(db)
+            self._tally = count_outbox(db)
             self._publish_tally(self._tally)
         except BaseException:
             conn.close()
@@ -467,22 +464,26 @@ class Store:
         delay = _RETRY_MIN_S
         while True:
             with self._cond:
-                while not (self._queued() or self._stopping):
-                    self._cond.wait()
+                while not (self._queued() or self._stopping or self._retention_due()):
+                    self._cond.wait(timeout=max(0.0, self._next_pass - time.monotonic()))
                 scores = list(self._scores)
                 self._scores.clear()
+                samples = list(self._samples)
+                self._samples.clear()
                 messages = list(self._messages)
                 self._messages.clear()
                 events = list(self._events)
                 self._events.clear()
                 marks, self._marks = self._marks, []
                 reads, self._reads = self._reads, []
-            ok = self._write(db, scores, messages, events, marks)
+            ok = self._write(db, scores, samples, messages, events, marks)
             for fn, reply in reads:
                 try:
                     reply(fn(db), None)
                 except sqlite3.Error as exc:
                     reply(None, StoreError(f"read failed on {self.path}: {exc}"))
+            if not self._stopping:
+                self._retention_step(db)
             if ok:
                 delay = _RETRY_MIN_S
             else:
@@ -510,17 +511,51 @@ class Store:
             mark_done(StoreError("store stopped before the mark was saved"))
 
     def _queued(self) -> bool:
-        return bool(self._scores or self._messages or self._events or self._marks or self._reads)
+        return bool(
+            self._scores or self._samples or self._messages or self._events or self._marks or self._reads
+        )
+
+    def _retention_due(self) -> bool:
+        return self._pass is not None or time.monotonic() >= self._next_pass
+
+    def _retention_step(self, db: Database) -> None:
+        """Run one step of the retention pass, starting one when due; a pass that fails is retried next interval."""
+        if not self._retention_due():
+            return
+        if self._pass is None:
+            self._pass = retention_pass(db, self.path, self._retention, time.time_ns())
+        # Deletes may be lost to a power cut: the next pass does them again.
+        self._set_sync(db, full=False)
+        try:
+            deleted = next(self._pass)
+        except StopIteration:
+            deleted = None
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("store: retention pass on %s failed: %s (next one in %.0f s)", self.path, exc,
+                           self._retention.interval_s)  # fmt: skip
+            deleted = None
+        if deleted is not None:
+            with self._cond:
+                self.stats.retention_deleted_scores += deleted.scores
+                self.stats.retention_deleted_samples += deleted.samples
+                self.stats.retention_deleted_alarm_events += deleted.alarm_events
+            return
+        self._pass = None
+        self._next_pass = time.monotonic() + self._retention.interval_s
+        with self._cond:
+            self.stats.last_retention_at_ns = time.time_ns()
+            self.stats.db_bytes = file_bytes(self.path)
 
     def _write(
         self,
         db: Database,
         scores: list[tuple[Any, ...]],
+        samples: list[tuple[int, str, str]],
         messages: list[DataMessage],
         events: list[_PendingBatch],
         marks: list[tuple[Sequence[str], Callable[[BaseException | None], None]]],
     ) -> bool:
-        if not (scores or messages or events or marks):
+        if not (scores or samples or messages or events or marks):
             return True
         tally = self._tally.copy()
         try:
@@ -528,20 +563,24 @@ class Store:
             # data alone use NORMAL (consistent, a power cut may lose the last commits).
             self._set_sync(db, full=bool(events or marks))
             now = time.time_ns()
-            with _immediate(db):
+            with immediate(db):
                 if scores:
                     db.table("scores").insert_all(itertools.chain([SCORE_COLUMNS], scores))
+                if samples:
+                    db.conn.executemany(
+                        "INSERT INTO samples (ts_ns, asset, values_json) VALUES (?, ?, ?)", samples
+                    )
                 new_events = sum(
                     _write_event(db, item, now, tally) for batch in events for item in batch.items
                 )
                 for m in messages:
-                    _write_message(db, m, now, tally)
+                    write_message(db, m, now, tally)
                 for ids, _ in marks:
-                    _mark(db, ids, now, tally)
-                if tally.messages and now - tally.swept_at_ns >= _EXPIRY_SWEEP_NS:
-                    _drop_expired(db, now, tally)
+                    mark(db, ids, now, tally)
+                if tally.messages and now - tally.swept_at_ns >= EXPIRY_SWEEP_NS:
+                    drop_expired(db, now, tally)
                 if tally.total > self._quota:
-                    self._enforce_quota(db, now, tally)
+                    enforce_quota(db, self._quota, now, tally)
         except sqlite3.Error as exc:
             if not self._failing:
                 logger.error(
@@ -553,6 +592,7 @@ class Store:
             with self._cond:
                 self.stats.last_error = f"commit failed: {exc}"
                 self.stats.scores_dropped += len(scores)
+                self.stats.samples_dropped += len(samples)
                 for m in messages:
                     self._count_dropped(m.kind, 1)
             return False
@@ -563,58 +603,13 @@ class Store:
         self._publish_tally(tally)
         self.stats.commits += 1
         self.stats.scores_written += len(scores)
+        self.stats.samples_written += len(samples)
         self.stats.events_written += new_events
         for batch in events:
             batch.done(None)
         for _, reply in marks:
             reply(None)
         return True
-
-    def _enforce_quota(self, db: Database, now: int, tally: _Tally) -> None:
-        """Bring the outbox back under its quota: data first (oldest first), alarm events only as the last resort."""
-        _drop_expired(db, now, tally)
-        low_water = int(self._quota * _QUOTA_LOW_WATER)
-        while tally.total > low_water and tally.messages:
-            rows = db.execute(
-                "SELECT seq, kind, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256"
-            ).fetchall()
-            last = None
-            for seq, kind, size in rows:
-                if tally.total <= low_water:
-                    break
-                last = seq
-                tally.messages -= 1
-                tally.message_bytes -= size
-                tally.dropped[kind] = tally.dropped.get(kind, 0) + 1
-            db.execute("DELETE FROM outbox WHERE seq <= ?", [last])
-        if tally.total <= self._quota:
-            return
-        before = tally.alarm_events
-        while tally.total > self._quota and tally.alarm_events:
-            rows = db.execute(
-                "SELECT seq, length(topic) + length(payload) FROM alarm_events "
-                "WHERE published_at_ns IS NULL ORDER BY seq LIMIT 256"
-            ).fetchall()
-            last = None
-            for seq, size in rows:
-                if tally.total <= self._quota:
-                    break
-                last = seq
-                tally.alarm_events -= 1
-                tally.alarm_bytes -= size
-            # The row stays as the record of the transition; only its undelivered message goes.
-            db.execute(
-                "UPDATE alarm_events SET payload = X'', published_at_ns = ?, dropped_at_ns = ? "
-                "WHERE published_at_ns IS NULL AND seq <= ?",
-                [now, now, last],
-            )
-        dropped = before - tally.alarm_events
-        tally.dropped["alarm"] += dropped
-        logger.error(
-            "outbox: quota of %d bytes full of alarm events alone; dropped the %d oldest undelivered",
-            self._quota,
-            dropped,
-        )
 
     def _count_dropped(self, kind: str, n: int) -> None:
         """Add to the drop counter of a message kind (caller holds the lock or is the writer)."""
@@ -625,7 +620,7 @@ class Store:
         else:
             self.stats.outbox_dropped_alarm_events += n
 
-    def _publish_tally(self, tally: _Tally) -> None:
+    def _publish_tally(self, tally: Tally) -> None:
         with self._cond:
             st = self.stats
             st.outbox_alarm_events = tally.alarm_events
@@ -642,7 +637,7 @@ class Store:
             self._sync_full = full
 
 
-def _write_event(db: Database, item: NewEvent, now: int, tally: _Tally) -> bool:
+def _write_event(db: Database, item: NewEvent, now: int, tally: Tally) -> bool:
     e = item.event
     cur = db.execute(_INSERT_EVENT, [
         e.event_id, e.alarm_id, e.event, e.gateway_id, e.asset, e.rule, e.kind, e.output, e.severity,
@@ -666,184 +661,6 @@ def _write_event(db: Database, item: NewEvent, now: int, tally: _Tally) -> bool:
     elif e.event == "acknowledged":
         db.execute(_SET_ACKED, [e.decided_at_ns, e.cause, e.alarm_id])
     return True
-
-
-def _write_message(db: Database, m: DataMessage, now: int, tally: _Tally) -> None:
-    if m.kind == "status":
-        # Only the newest status matters: one still waiting on the same topic is replaced.
-        old = db.execute(
-            "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox "
-            "WHERE kind = 'status' AND topic = ?",
-            [m.topic],
-        ).fetchone()
-        if old[0]:
-            db.execute("DELETE FROM outbox WHERE kind = 'status' AND topic = ?", [m.topic])
-            tally.messages -= old[0]
-            tally.message_bytes -= old[1]
-            tally.superseded += old[0]
-    cur = db.execute(
-        "INSERT OR IGNORE INTO outbox (message_id, kind, topic, payload, qos, retain, expires_at_ns, stored_at_ns) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [m.message_id, m.kind, m.topic, m.payload, m.qos, int(m.retain), m.expires_at_ns, now],
-    )
-    if cur.rowcount:
-        tally.messages += 1
-        tally.message_bytes += len(m.topic) + len(m.payload)
-
-
-def _mark(db: Database, ids: Sequence[str], now: int, tally: _Tally) -> None:
-    """Alarm events acknowledged by the broker are kept as sent; data messages are deleted."""
-    marks = ", ".join("?" * len(ids))
-    size = "count(*), coalesce(sum(length(topic) + length(payload)), 0)"
-    n, b = db.execute(
-        f"SELECT {size} FROM alarm_events WHERE published_at_ns IS NULL AND event_id IN ({marks})", ids
-    ).fetchone()
-    if n:
-        db.execute(
-            f"UPDATE alarm_events SET published_at_ns = ? WHERE published_at_ns IS NULL AND event_id IN ({marks})",
-            [now, *ids],
-        )
-        tally.alarm_events -= n
-        tally.alarm_bytes -= b
-    n, b = db.execute(f"SELECT {size} FROM outbox WHERE message_id IN ({marks})", ids).fetchone()
-    if n:
-        db.execute(f"DELETE FROM outbox WHERE message_id IN ({marks})", ids)
-        tally.messages -= n
-        tally.message_bytes -= b
-
-
-def _drop_expired(db: Database, now: int, tally: _Tally) -> None:
-    """Delete data whose expiry passed unsent: a late score misleads more than a missing one."""
-    tally.swept_at_ns = now
-    where = "expires_at_ns BETWEEN 1 AND ?"
-    n, b = db.execute(
-        f"SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE {where}", [now]
-    ).fetchone()
-    if n:
-        db.execute(f"DELETE FROM outbox WHERE {where}", [now])
-        tally.messages -= n
-        tally.message_bytes -= b
-        tally.expired += n
-
-
-def _count_outbox(db: Database) -> _Tally:
-    """The outbox as stored, counted once at open; each commit then keeps the count."""
-    size = "count(*), coalesce(sum(length(topic) + length(payload)), 0)"
-    alarms = db.execute(f"SELECT {size} FROM alarm_events WHERE published_at_ns IS NULL").fetchone()
-    data = db.execute(f"SELECT {size} FROM outbox").fetchone()
-    return _Tally(alarm_events=alarms[0], alarm_bytes=alarms[1], messages=data[0], message_bytes=data[1])
-
-
-def _create_schema(db: Database) -> None:
-    with db.atomic():
-        db.table("scores").create(
-            {"ts_ns": int, "asset": str, "model": str, "model_version": str, "output": str, "value": float},
-            if_not_exists=True,
-        )
-        db.table("scores").create_index(["asset", "ts_ns"], if_not_exists=True)
-        db.table("alarm_events").create(
-            {
-                "seq": int, "event_id": str, "alarm_id": str, "event": str, "gateway_id": str, "asset": str,
-                "rule": str, "kind": str, "output": str, "severity": str, "value": float, "threshold": float,
-                "model": str, "model_version": str, "first_abnormal_source_ts_ns": int, "decided_at_ns": int,
-                "state": str, "event_seq": int, "cause": str, "command_id": str,
-                "topic": str, "payload": bytes, "qos": int, "stored_at_ns": int, "published_at_ns": int,
-                "dropped_at_ns": int,
-            },
-            # An explicit INTEGER PRIMARY KEY keeps insertion order stable across VACUUM.
-            pk="seq",
-            not_null={"event_id", "alarm_id", "event", "topic", "payload", "qos"},
-            if_not_exists=True,
-        )  # fmt: skip
-        db.table("alarm_events").create_index(["event_id"], unique=True, if_not_exists=True)
-        db.execute(
-            "CREATE INDEX IF NOT EXISTS idx_alarm_events_unpublished ON alarm_events(seq) "
-            "WHERE published_at_ns IS NULL"
-        )
-        db.table("outbox").create(
-            {
-                "seq": int, "message_id": str, "kind": str, "topic": str, "payload": bytes, "qos": int,
-                "retain": int, "expires_at_ns": int, "stored_at_ns": int,
-            },
-            pk="seq",
-            not_null={"message_id", "kind", "topic", "payload", "qos", "retain", "expires_at_ns"},
-            if_not_exists=True,
-        )  # fmt: skip
-        db.table("outbox").create_index(["message_id"], unique=True, if_not_exists=True)
-        db.table("outbox").create_index(["expires_at_ns"], if_not_exists=True)
-        db.table("alarms").create(
-            {
-                "alarm_id": str, "asset": str, "rule": str, "kind": str, "output": str, "severity": str,
-                "model": str, "model_version": str, "state": str, "seq": int, "raised_value": float,
-                "raised_threshold": float, "first_abnormal_source_ts_ns": int, "raised_at_ns": int,
-                "cleared_at_ns": int, "cleared_value": float, "acked_at_ns": int, "acked_by": str,
-                "shelved_until_ns": int, "updated_at_ns": int,
-            },
-            pk="alarm_id",
-            not_null={"state"},
-            if_not_exists=True,
-        )  # fmt: skip
-        _migrate(db)
-        db.execute(
-            "CREATE INDEX IF NOT EXISTS idx_alarm_events_command ON alarm_events(command_id) "
-            "WHERE command_id IS NOT NULL"
-        )
-        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-
-
-# Columns each schema version added to existing tables: schema 2 the alarm lifecycle, schema 3 the
-# command that caused an event and alarm events dropped by the outbox quota. (New tables are created.)
-_ADDED = {
-    2: {
-        "alarm_events": {"state": str, "event_seq": int, "cause": str},
-        "alarms": {
-            "seq": int,
-            "acked_at_ns": int,
-            "acked_by": str,
-            "shelved_until_ns": int,
-            "updated_at_ns": int,
-        },
-    },
-    3: {"alarm_events": {"command_id": str, "dropped_at_ns": int}},
-}
-
-
-def _migrate(db: Database) -> None:
-    """Bring a file written by an older gateway up to this schema, keeping every row."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version >= _SCHEMA_VERSION:
-        return
-    for added_in, tables in _ADDED.items():
-        if version >= added_in:
-            continue
-        for table, columns in tables.items():
-            have = set(db[table].columns_dict)
-            for name, kind in columns.items():
-                if name not in have:
-                    db[table].add_column(name, kind)
-    if version >= 2:
-        return
-    # Schema 1 knew active and cleared; nobody could acknowledge, so an active alarm is unacknowledged.
-    db.execute(
-        "UPDATE alarms SET state = CASE state WHEN 'active' THEN 'unack' ELSE 'normal' END, "
-        "seq = CASE state WHEN 'active' THEN 1 ELSE 2 END, updated_at_ns = coalesce(cleared_at_ns, raised_at_ns) "
-        "WHERE state IN ('active', 'cleared')"
-    )
-
-
-@contextmanager
-def _immediate(db: Database) -> Iterator[None]:
-    """A write transaction that takes the lock up front."""
-    # A deferred BEGIN that has read and then wants to write gets SQLITE_BUSY at once, without the busy
-    # timeout, when another connection writes; BEGIN IMMEDIATE waits for the lock instead.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.conn.in_transaction:
-            db.conn.rollback()
-        raise
 
 
 def _settle(fut: asyncio.Future[Any] | None, result: Any, exc: BaseException | None) -> None:

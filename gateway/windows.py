@@ -90,6 +90,11 @@ class RingBuffer:
         """View of the marks of the rows in window(), aligned with it."""
         return self._marks[self._span()]
 
+    def newest(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """View of the last appended row and of its marks (None when all ok); valid until the next append."""
+        i = self._next - 1 if self._next else self.length - 1
+        return self._buf[i], (self._marks[i] if self._marked[i] else None)
+
     def shares_memory(self, arr: np.ndarray) -> bool:
         """Whether `arr` is a view into this ring's storage (for callers that must copy)."""
         return bool(np.shares_memory(arr, self._buf))
@@ -168,6 +173,14 @@ class AssetSampler:
             sample_index=self.samples,
             held_samples=int(counts[MARK_HELD]),
         )
+
+    def newest_values(self) -> list[float | None]:
+        """The newest sample's engineering values; None where it was not a good, finite reading (held too)."""
+        row, marks = self.ring.newest()
+        values: list[float | None] = row.tolist()
+        if marks is None:
+            return values
+        return [v if m == MARK_OK else None for v, m in zip(values, marks.tolist(), strict=True)]
 
     def _append_with_gaps(
         self, values: np.ndarray, status_good: np.ndarray, good: np.ndarray, now_ns: int

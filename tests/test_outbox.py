@@ -15,8 +15,9 @@ from gateway.config import MqttConfig, load_config
 from gateway.demo.broker import MosquittoBroker
 from gateway.demo.run import demo_config, write_config
 from gateway.demo.simulator import PlcSimulator
+from gateway.outbox import MESSAGE_OVERHEAD_BYTES, DataMessage, OutboxMessage
 from gateway.sinks.mqtt import drain_once
-from gateway.store import MESSAGE_OVERHEAD_BYTES, DataMessage, NewEvent, OutboxMessage, Store
+from gateway.store import NewEvent, Store
 from tests.conftest import free_port, wait_for_condition
 from tests.fixtures_gateway import running_gateway
 from tests.fixtures_mqtt import Subscriber, make_event, store_and_publisher

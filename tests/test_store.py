@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import NewEvent, OpenAlarm, OutboxMessage, Store
+from gateway.outbox import OutboxMessage
+from gateway.store import NewEvent, OpenAlarm, Store
 from tests.conftest import wait_for_condition
 from tests.fixtures_mqtt import make_event
 
@@ -271,7 +272,7 @@ def test_open_alarms_keep_their_newest_state_and_a_schema_1_file_is_migrated(tmp
     assert set(by_id) == {"old-active", raised.alarm_id}  # old-cleared is normal now
     assert (by_id["old-active"].state, by_id["old-active"].seq, by_id["old-active"].raised_value) == ("unack", 1, 4.0)
     assert (by_id[raised.alarm_id].state, by_id[raised.alarm_id].seq) == ("rtn_unack", 2)
-    assert _sql(path, "PRAGMA user_version") == [(3,)]
+    assert _sql(path, "PRAGMA user_version") == [(4,)]
     assert _sql(path, "SELECT state, seq FROM alarms WHERE alarm_id = 'old-cleared'") == [("normal", 2)]
     assert _sql(path, "SELECT count(*) FROM alarm_events") == [(4,)]
 

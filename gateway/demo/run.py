@@ -76,6 +76,8 @@ def demo_config(
             }
         ],
         "storage": {"path": str(db_path)},
+        # Any free port: a demo (or a test) beside a running service must not fight over 9108.
+        "metrics": {"port": 0},
         "mqtt": {
             "host": "127.0.0.1",
             "port": mqtt_port,
@@ -219,6 +221,11 @@ async def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown.set)
         task = asyncio.ensure_future(gateway.run(shutdown))
+        started = asyncio.ensure_future(gateway.started.wait())
+        await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if gateway.exporter is not None and gateway.exporter.url:
+            print(f"demo: metrics at {gateway.exporter.url} (edge-gateway status --url {gateway.exporter.url})")
         t0 = time.monotonic()
         while (
             not task.done() and (seconds is None or time.monotonic() - t0 < seconds) and not shutdown.is_set()

@@ -35,8 +35,9 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, PublishError, StoreError
+from gateway.outbox import OutboxMessage
 from gateway.sinks.payloads import MessageIds, status_payload, status_topic
-from gateway.store import OutboxMessage, Store
+from gateway.store import Store
 from gateway.tasks import backoff_delay, wait_event, wait_for
 
 logger = logging.getLogger(__name__)
@@ -255,13 +256,14 @@ class MqttPublisher:
             self.stats.last_error = message
         return PublishError(message)
 
-    async def stop(self, timeout: float = 2.0) -> None:
-        """Publish the retained offline status (best effort), disconnect and stop paho's thread, bounded."""
+    async def stop(self, timeout: float = 2.0, *, publish_offline: bool = True) -> None:
+        """Publish the retained offline status (best effort, unless told not to: a successor takes
+        over), disconnect cleanly (so the broker does not send the will) and stop paho's thread, bounded."""
         client = self._client
         if client is None or self._loop is None:
             return
         deadline = self._loop.time() + timeout
-        if self._connected:
+        if self._connected and publish_offline:
             try:
                 await self.publish(
                     self.status_topic, self._status["offline"], qos=1, retain=True, timeout=timeout / 2
