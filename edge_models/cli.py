@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.errors import ModelError
+
 
 def _parser() -> argparse.ArgumentParser:
     """Argument parser with one sub-command per model recipe."""
@@ -19,7 +21,33 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for pump_ae.onnx + pump_ae.manifest.json"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the training data and weights (default 0)")
+    fp16 = commands.add_parser(
+        "fp16", help="write the FP16 copy of an ONNX model (for TensorRT) and check it against FP32 (needs onnx)"
+    )
+    fp16.add_argument("model", type=Path, help="the FP32 ONNX file; its manifest is read from beside it")
+    fp16.add_argument("--out", type=Path, default=None, help="where to write it (default: <stem>.fp16.onnx beside MODEL)")
+    fp16.add_argument("--manifest", type=Path, default=None, help="the model's manifest, if not beside it")
+    fp16.add_argument(
+        "--recorded", type=Path, default=None, help=".npy of normalized windows [N, L, C] to check on as well"
+    )
+    fp16.add_argument("--windows", type=int, default=256, help="random normalized windows to check on (default 256)")
     return parser
+
+
+def _fp16(args: argparse.Namespace) -> int:
+    """`edge-models fp16`: only the `onnx` package is needed, not PyTorch."""
+    try:
+        from edge_models import fp16
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        print("edge-models: the onnx package is not installed: pip install 'edge-gateway[train]'", file=sys.stderr)
+        return 1
+    try:
+        return fp16.run(args)
+    except (fp16.Fp16Error, ModelError) as exc:
+        print(f"edge-models: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "fp16":
+        return _fp16(args)
     try:
         from edge_models import demo_model
     except ModuleNotFoundError as exc:
@@ -40,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     from edge_models.export import ExportError
-    from gateway.errors import ModelError
 
     try:
         return demo_model.run(args)

@@ -157,6 +157,8 @@ FLOOD = "flood"
 # Why an asset's model alarms are suppressed by design, with the word that ends each reason (the
 # cause of the `unsuppressed` event when it was the last): the running tag, and flood control.
 SUPPRESSION_REASONS: Mapping[str, str] = {"stopped": "running", FLOOD: "flood_ended"}
+# A model runs on a lesser inference backend than it should (its rules: gateway.degraded).
+INFERENCE_DEGRADED = "inference_degraded"
 
 
 def build_rules(cfg: GatewayConfig, manifests: Mapping[str, ModelManifest]) -> list[AlarmRule]:

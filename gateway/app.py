@@ -24,6 +24,7 @@ from gateway.alarms import (
 )
 from gateway.commands import CommandHandler, command_filter
 from gateway.config import GatewayConfig
+from gateway.degraded import decide_degraded, degraded_rules, inference_status
 from gateway.errors import EXIT_OK, EXIT_RUNTIME, GatewayError, ModelError, PublishError
 from gateway.exporter import MetricsExporter
 from gateway.flood import FloodTracker, flood_rules
@@ -175,7 +176,7 @@ class Gateway:
         manifests = await self.worker.call(load_manifests, self.cfg)
         self.models = await self.worker.call(load_models, self.cfg, manifests)
         rules = build_rules(self.cfg, manifests) + comm_loss_rules(self.cfg, version=__version__)
-        rules += flood_rules(self.cfg, rules, version=__version__)
+        rules += flood_rules(self.cfg, rules, version=__version__) + degraded_rules(self.models)
         restored = await self._restored_alarms(rules)
         self.engine = AlarmEngine(
             rules,
@@ -184,6 +185,12 @@ class Gateway:
             suppressed=restored.suppressed,
             flood=FloodTracker(self.cfg.flood),
             now_ns=time.time_ns(),
+        )
+        # Once per start: the backends do not change while the gateway runs.
+        await self._emit(
+            *decide_degraded(
+                self.engine, self.models, enabled=self.cfg.inference.degraded_alarm, now_ns=time.time_ns()
+            )
         )
         for name, model in self.models.items():
             self.queues[name] = WindowQueue()
@@ -195,6 +202,7 @@ class Gateway:
                 self.cfg.mqtt, commands, self.engine, self._emit, self.publisher, self.store
             )
             self.publisher.subscribe(command_filter(self.cfg.mqtt), self.commands.on_message)
+        self.publisher.set_inference(inference_status(self.models))
         await self.publisher.start()
         sup = self.supervisor
         if self.commands is not None:
@@ -335,7 +343,7 @@ class Gateway:
             batch = np.stack([w.data[:, model.columns[w.asset]] for w in windows])
             began = time.perf_counter()
             try:
-                outputs = await self.worker.call(model.backend.run, model.normalizer.apply(batch))
+                outputs = await self.worker.run_model(model.cfg.name, model.backend, model.normalizer.apply(batch))
                 values = model.manifest.values(outputs)
             except ModelError as exc:
                 # The backend stays usable; these windows are lost, counted, and said once per reason.
@@ -530,7 +538,7 @@ class Gateway:
             message_id = self.ids.next()
             payload = status_payload(
                 "online", message_id=message_id, gateway_id=self.cfg.gateway.id, version=__version__,
-                started_at=self.started_at, stats=stats,
+                started_at=self.started_at, inference=inference_status(self.models), stats=stats,
             )  # fmt: skip
             self.store.add_messages([DataMessage(message_id, "status", topic, payload, qos=1, retain=True)])
             self.outbox_wake.set()

@@ -15,7 +15,9 @@ from gateway.browse_cli import add_browse_command
 from gateway.certs import add_certs_command
 from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, ConfigError, GatewayError, ModelError
 from gateway.history import add_history_commands
+from gateway.inference.build_cli import add_build_engines_command
 from gateway.logs import setup_logging
+from gateway.verify import add_verify_command
 
 logger = logging.getLogger("gateway")
 
@@ -81,6 +83,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Throughput and latency figures for this device."""
+    if args.inference:
+        from gateway.bench_inference import run_inference_bench
+
+        return run_inference_bench(args.config, as_json=args.json, per_batch_s=args.per_batch_s)
     if args.delivery:
         from gateway.bench_delivery import run_delivery_bench
 
@@ -147,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: alarm events through the SQLite outbox to a subscriber, backlog after a broker restart",
     )
+    b.add_argument(
+        "--inference",
+        action="store_true",
+        help="instead: µs per window per model and backend at batch 1, 8, 64 vs bare ONNX Runtime and a NumPy reference",
+    )
+    b.add_argument(
+        "--config", type=Path, default=None, help="with --inference: this config's models (default: the demo's)"
+    )
+    b.add_argument(
+        "--per-batch-s", type=float, default=2.0, help="with --inference: timed seconds per model and batch size"
+    )
     b.add_argument("--events", type=int, default=10_000, help="with --delivery: events in the sustained run")
     b.add_argument("--backlog", type=int, default=10_000, help="with --delivery: events stored while the broker is down")
     b.add_argument(
@@ -159,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_browse_command(sub)
     add_certs_command(sub)
     add_history_commands(sub)
+    add_verify_command(sub)
+    add_build_engines_command(sub)
     st = sub.add_parser("status", help="the running gateway's figures from its metrics endpoint; exit 3 if unreachable")
     where = st.add_mutually_exclusive_group()
     where.add_argument("--config", type=Path, default=None, help="its config (default /etc/edge-gateway/config.yaml)")

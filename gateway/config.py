@@ -227,11 +227,39 @@ class ModelConfig(_Model):
     manifest: Path | None = None
     assets: list[Name] = Field(min_length=1)
     # Cap on windows per inference call; windows due in the same tick beyond it wait for the next call.
+    # Also the TensorRT optimization profile's max batch.
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 256
+    # auto: TensorRT, then ONNX Runtime on the GPU, then on the CPU, the first that loads; the others
+    # insist on one backend and fall back (with the inference_degraded alarm) only when it fails.
+    backend: Literal["auto", "tensorrt", "onnxruntime-gpu", "onnxruntime-cpu"] = "auto"
+    # TensorRT engines: fp16 builds from the FP16 ONNX copy (fp16_path) as a strongly typed network.
+    precision: Literal["fp16", "fp32"] = "fp16"
+    # The FP16 copy of `path` (FP32 inputs and outputs kept); default: <stem>.fp16.onnx beside it.
+    fp16_path: Path | None = None
+    # ONNX Runtime intra-op threads: 1 or 2 suit small models on a device shared with acquisition.
+    threads: Annotated[int, Field(ge=1, le=16)] = 1
+
+    @property
+    def fp16_model_path(self) -> Path:
+        """Where the FP16 ONNX copy of this model is (configured, or beside the FP32 file)."""
+        return self.fp16_path or self.path.with_name(f"{self.path.stem}.fp16.onnx")
 
 
-# Alarms the gateway raises itself (gateway.alarms.COMM_LOSS and FLOOD); a model rule may not take their names.
-SYSTEM_RULES = frozenset({"comm_loss", "flood"})
+class InferenceSection(_Model):
+    """Where engines and provider caches live, and what a TensorRT build may use."""
+
+    # TensorRT engines, timing caches, ONNX Runtime TensorRT/CUDA provider caches (the unit's CacheDirectory).
+    cache_dir: Path = Path("/var/cache/edge-gateway")
+    # TensorRT builder workspace: small, because an out-of-memory build on a small Orin shows up as
+    # "Could not find any implementation" rather than as an out-of-memory error.
+    workspace_mb: Annotated[int, Field(ge=16, le=65_536)] = 256
+    # Raise the system alarm inference_degraded when a model runs on a lesser backend than configured.
+    degraded_alarm: bool = True
+
+
+# Alarms the gateway raises itself (gateway.alarms.COMM_LOSS, FLOOD and INFERENCE_DEGRADED); a model
+# rule may not take their names.
+SYSTEM_RULES = frozenset({"comm_loss", "flood", "inference_degraded"})
 
 
 class AlarmRuleConfig(_Model):
@@ -443,6 +471,7 @@ class GatewayConfig(_Model):
     assets: list[AssetConfig] = Field(min_length=1)
     models: list[ModelConfig] = Field(default_factory=list)
     alarms: list[AlarmRuleConfig] = Field(default_factory=list)
+    inference: InferenceSection = InferenceSection()
     storage: StorageConfig = StorageConfig()
     mqtt: MqttConfig = MqttConfig()
     flood: FloodConfig = FloodConfig()
@@ -548,10 +577,17 @@ def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         return None if p is None or p.is_absolute() else base / p
 
     models = [
-        m.model_copy(update={"path": rel(m.path) or m.path, "manifest": rel(m.manifest) or m.manifest})
+        m.model_copy(
+            update={
+                "path": rel(m.path) or m.path,
+                "manifest": rel(m.manifest) or m.manifest,
+                "fp16_path": rel(m.fp16_path) or m.fp16_path,
+            }
+        )
         for m in cfg.models
     ]
     storage = cfg.storage.model_copy(update={"path": rel(cfg.storage.path) or cfg.storage.path})
+    inference = cfg.inference.model_copy(update={"cache_dir": rel(cfg.inference.cache_dir) or cfg.inference.cache_dir})
     tls = cfg.mqtt.tls
     if tls is not None:
         tls = tls.model_copy(
@@ -570,7 +606,9 @@ def _resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
             keys = ("certificate", "private_key", "trust_dir", "password_file")
             sec = sec.model_copy(update={k: rel(getattr(sec, k)) or getattr(sec, k) for k in keys})
         sources.append(s.model_copy(update={"security": sec}))
-    return cfg.model_copy(update={"models": models, "storage": storage, "mqtt": mqtt, "sources": sources})
+    return cfg.model_copy(
+        update={"models": models, "storage": storage, "inference": inference, "mqtt": mqtt, "sources": sources}
+    )
 
 
 __all__ = ["GatewayConfig", "load_config", "format_loc"]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.errors import ModelError
-from gateway.inference import InferenceBackend
-from gateway.inference.onnxruntime import load_onnxruntime
+from gateway.inference import Fallback, InferenceBackend
+from gateway.inference.select import choice_summary, load_backend
 from gateway.manifest import ModelManifest, load_manifest, manifest_path_for
 from gateway.normalize import Normalizer, channel_permutation
 
@@ -26,6 +26,8 @@ class LoadedModel:
     backend: InferenceBackend
     normalizer: Normalizer
     columns: dict[str, np.ndarray]  # asset name -> asset tag columns in manifest channel order
+    # Backends tried before `backend` and skipped, best first, each with why (the selection's record).
+    fallbacks: list[Fallback] = field(default_factory=list)
 
 
 def load_manifests(cfg: GatewayConfig) -> dict[str, ModelManifest]:
@@ -62,19 +64,23 @@ def load_manifests(cfg: GatewayConfig) -> dict[str, ModelManifest]:
 
 
 def load_models(cfg: GatewayConfig, manifests: dict[str, ModelManifest]) -> dict[str, LoadedModel]:
-    """Create a backend per model (blocking: run it on the inference thread)."""
+    """Load each model on the best backend that serves it (blocking: run it on the inference thread)."""
     loaded: dict[str, LoadedModel] = {}
     for m in cfg.models:
         manifest = manifests[m.name]
-        backend = load_onnxruntime(m.path, manifest)
+        backend, fallbacks = load_backend(m, manifest, cfg.inference)
         columns = {
             a: channel_permutation(
                 cfg.asset(a).channels, manifest.input.channels, model=m.name, asset=a
             )
             for a in m.assets
         }
-        loaded[m.name] = LoadedModel(m, manifest, backend, Normalizer(manifest), columns)
+        loaded[m.name] = LoadedModel(m, manifest, backend, Normalizer(manifest), columns, fallbacks)
         logger.info(
-            "model %s v%s loaded on %s for %d asset(s)", m.name, manifest.version, backend.name, len(columns)
+            "model %s v%s on %s for %d asset(s)",
+            m.name,
+            manifest.version,
+            choice_summary(backend, fallbacks),
+            len(columns),
         )
     return loaded

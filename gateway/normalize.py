@@ -75,7 +75,11 @@ class Normalizer:
         self.channels = len(manifest.input.channels)
         self.mean = np.array(manifest.normalization.mean, dtype=np.float64)
         self.std = np.array(manifest.normalization.std, dtype=np.float64)
-        self._scratch = np.empty((0, self.length, self.channels), dtype=np.float64)
+        # The same statistics repeated over the window ([L*C]): numpy then runs one contiguous inner
+        # loop per window instead of broadcasting an 8-wide vector, about twice as fast, same result.
+        self._mean_lc = np.tile(self.mean, self.length)
+        self._std_lc = np.tile(self.std, self.length)
+        self._scratch = np.empty((0, self.length * self.channels), dtype=np.float64)
         self._out = np.empty((0, self.length, self.channels), dtype=np.float32)
 
     def apply(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -88,7 +92,7 @@ class Normalizer:
         n = batch.shape[0]
         if len(self._scratch) < n:
             logger.debug("model %s: normalization buffer grows to %d windows", self.model, n)
-            self._scratch = np.empty((n, self.length, self.channels), dtype=np.float64)
+            self._scratch = np.empty((n, self.length * self.channels), dtype=np.float64)
             self._out = np.empty((n, self.length, self.channels), dtype=np.float32)
         if out is None:
             out = self._out[:n]
@@ -96,6 +100,6 @@ class Normalizer:
             raise ValueError(f"out must be a contiguous float32 array of shape {batch.shape}")
         # Subtract and divide in float64 and round once, so the input matches training's arithmetic.
         scratch = self._scratch[:n]
-        np.subtract(batch, self.mean, out=scratch)
-        np.divide(scratch, self.std, out=out, casting="same_kind")
+        np.subtract(batch.reshape(n, -1), self._mean_lc, out=scratch)
+        np.divide(scratch, self._std_lc, out=out.reshape(n, -1), casting="same_kind")
         return out

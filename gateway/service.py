@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import EXIT_OK, GatewayError
+from gateway.errors import EXIT_OK, GatewayError, ModelError
 from gateway.sinks.payloads import iso_utc
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,16 @@ def validate_config(path: Path) -> tuple[GatewayConfig, str]:
     GatewayError (ConfigError, ModelError) when anything is wrong, with the file, line and path.
     """
     from gateway.alarms import build_rules
+    from gateway.inference.select import choice_summary
+    from gateway.model_checks import check_model_files
     from gateway.models import load_manifests, load_models
 
     cfg = load_config(path)
     manifests = load_manifests(cfg)
+    # Every model file problem at once, each naming its model, before one of them stops the loading.
+    problems = check_model_files(cfg, manifests)
+    if problems:
+        raise ModelError("\n".join(problems))
     models = load_models(cfg, manifests)
     rules = build_rules(cfg, manifests)
     n_tags = sum(len(a.tags) for a in cfg.assets)
@@ -59,6 +65,8 @@ def validate_config(path: Path) -> tuple[GatewayConfig, str]:
         f"{len(cfg.sources)} source(s), {len(cfg.assets)} asset(s), {tags}, "
         f"{len(models)} model(s), {len(rules)} alarm rule(s)"
     )
+    # Which backend each model got, and why not a better one: the first thing to know on a Jetson.
+    summary += "".join(f"; {n} on {choice_summary(m.backend, m.fallbacks)}" for n, m in models.items())
     return cfg, summary
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.alarms import COMM_LOSS, FLOOD
+from gateway.alarms import COMM_LOSS, FLOOD, INFERENCE_DEGRADED
 from gateway.config import SYSTEM_RULES, load_config
 from gateway.errors import ConfigError
 
@@ -175,4 +175,4 @@ def test_a_model_rule_may_not_take_a_system_alarms_name(tmp_path: Path, name: st
                          f"  - {{name: {name}, model: ae}}\nmqtt:\n")  # fmt: skip
     [msg] = problems(tmp_path, text)
     assert f"alarms[0].name: {name!r} is the name of a system alarm; choose another" in msg
-    assert SYSTEM_RULES == {COMM_LOSS, FLOOD}  # the names the engine gives its own alarms
+    assert SYSTEM_RULES == {COMM_LOSS, FLOOD, INFERENCE_DEGRADED}  # the names the engine gives its own alarms

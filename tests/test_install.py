@@ -30,15 +30,27 @@ def run_install(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
-def build_wheel(src: Path, out: Path) -> Path:
-    """`pip wheel --no-deps` of a source tree; offline when this interpreter has setuptools."""
-    isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(src)],
-        check=True,
-        capture_output=True,
-        timeout=120,
+def _can_build_offline() -> bool:
+    """True when this interpreter's own setuptools can make a wheel: it has bdist_wheel built in (70.1+)
+    or the `wheel` package beside it. Python 3.10's venv ships setuptools 65 without `wheel`."""
+    spec = importlib.util.find_spec("setuptools")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / "command" / "bdist_wheel.py").is_file() or (
+        importlib.util.find_spec("wheel") is not None
     )
+
+
+def build_wheel(src: Path, out: Path) -> Path:
+    """`pip wheel --no-deps` of a source tree: offline when this interpreter can, else with an isolated build."""
+    isolation = ["--no-build-isolation", "--no-index"] if _can_build_offline() else []
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"pip wheel failed:\n{result.stdout}\n{result.stderr}"
     (wheel,) = out.glob("edge_gateway-*.whl")
     return wheel
 

@@ -100,7 +100,7 @@ def test_online_status_is_retained_for_later_subscribers(mosquitto: MosquittoBro
     body = json.loads(msg.payload)
     assert body == {
         "message_id": body["message_id"], "state": "online", "gateway_id": "gw01", "version": "0.1.0",
-        "started_at": "2024-01-01T00:00:00.000Z", "stats": None, "schema": 2,
+        "started_at": "2024-01-01T00:00:00.000Z", "inference": None, "stats": None, "schema": 3,
     }  # fmt: skip
     assert re.fullmatch(r"gw01:[0-9a-f]{12}:online", body["message_id"])
 

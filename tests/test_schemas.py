@@ -27,10 +27,12 @@ from gateway.alarms import (
     comm_loss_rules,
 )
 from gateway.config import GatewaySection, Severity
+from gateway.inference import BACKENDS
 from gateway.manifest import OutputKind
 from gateway.sinks.payloads import (
     ALARM_SCHEMA,
-    SCHEMA_VERSION,
+    SCORE_SCHEMA,
+    STATUS_SCHEMA,
     MessageIds,
     alarm_payload,
     iso_utc,
@@ -119,13 +121,29 @@ def _comm_loss_events() -> list[AlarmEvent]:
 
 
 IDS = MessageIds(GW)
+# A model configured for ONNX Runtime on the GPU that runs on the CPU, and one that runs as configured
+# (the shape gateway.degraded.inference_status gives).
+INFERENCE: dict[str, Any] = {
+    "pump_ae": {
+        "backend": "onnxruntime-cpu",
+        "fallbacks": [
+            {"backend": "onnxruntime-gpu", "reason": "onnxruntime has no CUDAExecutionProvider", "degraded": True}
+        ],
+    },
+    "fan_cls": {"backend": "onnxruntime-cpu", "fallbacks": []},
+}
 
 
-def _status(state: Literal["online", "offline"] = "online", stats: dict[str, Any] | None = None) -> bytes:
+def _status(
+    state: Literal["online", "offline"] = "online",
+    stats: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = INFERENCE,
+) -> bytes:
     message_id = IDS.named(state) if stats is None else IDS.next()
     return status_payload(
-        state, message_id=message_id, gateway_id=GW, version=__version__, started_at=iso_utc(T0), stats=stats
-    )
+        state, message_id=message_id, gateway_id=GW, version=__version__, started_at=iso_utc(T0),
+        inference=inference, stats=stats,
+    )  # fmt: skip
 
 
 def _stats() -> dict[str, Any]:
@@ -188,6 +206,12 @@ def test_non_finite_numbers_are_sent_as_null_and_validate(bad: float) -> None:
 def test_status_payload_validates(state: Literal["online", "offline"]) -> None:
     status = _valid("status", _status(state))
     assert (status["state"], status["stats"], status["message_id"]) == (state, None, f"{IDS.prefix}:{state}")
+    assert status["inference"] == INFERENCE
+
+
+def test_status_without_inference_validates() -> None:
+    """A publisher whose models were never named (no models loaded yet) sends inference: null."""
+    assert _valid("status", _status(inference=None))["inference"] is None
 
 
 def test_periodic_status_with_outbox_stats_validates() -> None:
@@ -260,6 +284,15 @@ REJECTED: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("alarm-event", "missing command_id", _drop("command_id")),
     ("alarm-event", "empty command_id", _set("command_id", "")),
     ("status", "missing message_id", _drop("message_id")),
+    ("status", "missing inference", _drop("inference")),
+    ("status", "inference as a list", _set("inference", [])),
+    ("status", "unknown backend", lambda p: p["inference"]["pump_ae"].update(backend="cuda")),
+    ("status", "model without fallbacks", lambda p: p["inference"]["pump_ae"].pop("fallbacks")),
+    ("status", "fallback without reason", lambda p: p["inference"]["pump_ae"]["fallbacks"][0].pop("reason")),
+    ("status", "fallback with empty reason", lambda p: p["inference"]["pump_ae"]["fallbacks"][0].update(reason="")),
+    ("status", "degraded as string", lambda p: p["inference"]["pump_ae"]["fallbacks"][0].update(degraded="yes")),
+    ("status", "model name not a name", lambda p: p["inference"].update({"a/b": p["inference"]["fan_cls"]})),
+    ("status", "schema 2", _set("schema", 2)),
     ("status", "missing stats", _drop("stats")),
     ("status", "stats as a string", _set("stats", "ok")),
     ("status", "schema 1", _set("schema", 1)),
@@ -321,12 +354,15 @@ def test_schema_enums_and_versions_match_the_code() -> None:
     assert props["kind"]["enum"] == [*get_args(OutputKind), "system"]
     assert status["properties"]["state"]["enum"] == list(get_args(get_type_hints(status_payload)["state"]))
     assert props["schema"]["const"] == ALARM_SCHEMA
-    assert status["properties"]["schema"]["const"] == score["properties"]["schema"]["const"] == SCHEMA_VERSION
+    assert status["properties"]["schema"]["const"] == STATUS_SCHEMA
+    assert score["properties"]["schema"]["const"] == SCORE_SCHEMA
+    assert status["$defs"]["backend"]["enum"] == list(BACKENDS)
     # Names in payloads are config names: the schemas carry the config's rule for them.
     name = GatewaySection.model_json_schema()["properties"]["id"]
     for rule in (
         alarm["$defs"]["name"],
         status["properties"]["gateway_id"],
+        status["$defs"]["name"],
         *(score["properties"][k] for k in ("asset", "model")),
     ):
         assert (rule["pattern"], rule["maxLength"]) == (name["pattern"], name["maxLength"])

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+
+from gateway.errors import ModelError
+
+# Backend names, best first: what `models[].backend` names and `auto` tries in this order.
+BACKENDS = ("tensorrt", "onnxruntime-gpu", "onnxruntime-cpu")
+
+
+class BackendUnavailable(ModelError):
+    """A backend cannot serve this model here (no TensorRT, no GPU, a failed engine build); try the next."""
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A backend that was tried for a model and skipped, and why.
+
+    `degraded` is True when the skip makes the model run on less than it should: the configured
+    backend failed, or under `auto` a backend whose prerequisites this machine has (TensorRT
+    importable, a CUDA device) failed. A backend absent by platform (no GPU on an x86 box) is not.
+    """
+
+    backend: str
+    reason: str
+    degraded: bool
 
 
 class InferenceBackend(Protocol):
@@ -27,4 +51,8 @@ class InferenceBackend(Protocol):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model on [B, L, C] normalized windows; returns {output name: [B, ...] array}."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model, for logs, status and `check`: backend, device, precision, versions, files."""
         ...

@@ -103,14 +103,9 @@ class MqttPublisher:
         self.stats = PublisherStats()
         self.status_topic = status_topic(cfg, gateway_id)
         self._client_id = cfg.client_id or f"edge-gateway-{gateway_id}"
-        ids = ids or MessageIds(gateway_id)
-        # The birth (re-sent on every connect) and the will keep one id each for the whole process.
-        self._status = {
-            state: status_payload(
-                state, message_id=ids.named(state), gateway_id=gateway_id, version=version, started_at=started_at
-            )
-            for state in ("online", "offline")
-        }
+        self._ids = ids or MessageIds(gateway_id)
+        self._gateway_id, self._version, self._started_at = gateway_id, version, started_at
+        self._status = self._birth_and_will(None)
         self._where = f"{cfg.host}:{cfg.port}"
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +121,22 @@ class MqttPublisher:
         # paho's thread only: consecutive connection failures, and why the broker refused the last CONNECT.
         self._failures = 0
         self._refused: str | None = None
+
+    def set_inference(self, inference: dict[str, Any]) -> None:
+        """Name each model's backend and fallbacks in the birth and the will; call it before start()."""
+        if self._client is not None:
+            raise RuntimeError("set_inference() after start(): the will is already with the MQTT client")
+        self._status = self._birth_and_will(inference)
+
+    def _birth_and_will(self, inference: dict[str, Any] | None) -> dict[str, bytes]:
+        # The birth (re-sent on every connect) and the will keep one id each for the whole process.
+        return {
+            state: status_payload(
+                state, message_id=self._ids.named(state), gateway_id=self._gateway_id, version=self._version,
+                started_at=self._started_at, inference=inference,
+            )  # fmt: skip
+            for state in ("online", "offline")
+        }
 
     @property
     def connected(self) -> bool:

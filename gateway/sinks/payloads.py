@@ -10,8 +10,9 @@ Non-finite numbers are sent as null. Consumers dedupe on event_id: delivery is a
 Score payload (only with mqtt.publish_scores; schema 2): message_id, asset, model, model_version,
 values {name: number}, window_end_source_ts, decided_at, schema.
 
-Status payload (retained, also the Last Will; schema 2): message_id, state ("online" | "offline"),
-gateway_id, version, started_at, stats (periodic statuses only, else null), schema.
+Status payload (retained, also the Last Will; schema 3): message_id, state ("online" | "offline"),
+gateway_id, version, started_at, inference ({model: {backend, fallbacks: [{backend, reason,
+degraded}]}}, or null before the models are loaded), stats (periodic statuses only, else null), schema.
 
 Every message carries a stable id: an alarm event's event_id, the others' message_id (MessageIds).
 """
@@ -30,9 +31,11 @@ from gateway.config import MqttConfig
 from gateway.store import StoreStats
 
 # Each payload kind has its own version: alarm events became 2 with the alarm lifecycle and 3 with
-# command_id; scores and status became 2 together, with message_id (and status with stats).
+# command_id; scores and status became 2 together, with message_id (and status with stats); status
+# became 3 with inference.
 ALARM_SCHEMA = 3
-SCHEMA_VERSION = 2
+STATUS_SCHEMA = 3
+SCORE_SCHEMA = 2
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -126,18 +129,19 @@ def score_payload(
         "message_id": message_id, "asset": asset, "model": model, "model_version": model_version,
         "values": {k: _finite(v) for k, v in values.items()},
         "window_end_source_ts": iso_utc_or_none(source_ts_ns), "decided_at": iso_utc(decided_at_ns),
-        "schema": SCHEMA_VERSION,
+        "schema": SCORE_SCHEMA,
     })  # fmt: skip
 
 
 def status_payload(
     state: Literal["online", "offline"], *, message_id: str, gateway_id: str, version: str, started_at: str,
-    stats: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
 ) -> bytes:  # fmt: skip
-    """The compact JSON of the retained status message; `stats` in the periodic ones (see status_stats)."""
+    """The compact JSON of the retained status message; `inference` as gateway.degraded.inference_status
+    gives it, `stats` in the periodic ones (see status_stats)."""
     return _dumps({
         "message_id": message_id, "state": state, "gateway_id": gateway_id, "version": version,
-        "started_at": started_at, "stats": stats, "schema": SCHEMA_VERSION,
+        "started_at": started_at, "inference": inference, "stats": stats, "schema": STATUS_SCHEMA,
     })  # fmt: skip
 
 
