@@ -134,23 +134,24 @@ def comm_loss_rules(cfg: GatewayConfig, *, version: str) -> list[AlarmRule]:
     """
     targets = comm_loss_targets(cfg)
     return [
-        AlarmRule(
-            name=COMM_LOSS,
-            model=comm_loss_model(s.name),
-            output="disconnected_s",
-            value_index=0,
-            high=s.comm_loss.delay_s,
-            low=s.comm_loss.delay_s,  # cleared as soon as the source is back (0 s disconnected)
-            direction="above",
-            on_delay=1,
-            severity=s.comm_loss.severity,
-            kind="system",
-            model_version=version,
-            assets=frozenset(targets[s.name]),
-        )
+        # Cleared as soon as the source is back (0 s disconnected).
+        system_rule(
+            COMM_LOSS, model=comm_loss_model(s.name), output="disconnected_s", level=s.comm_loss.delay_s,
+            severity=s.comm_loss.severity, version=version, assets=frozenset(targets[s.name]),
+        )  # fmt: skip
         for s in cfg.sources
         if s.name in targets
     ]
+
+
+def system_rule(
+    name: str, *, model: str, output: str, level: float, severity: str, version: str, assets: frozenset[str]
+) -> AlarmRule:
+    """A gateway's own alarm on one value: raised when it reaches `level`, cleared below it, no delays."""
+    return AlarmRule(
+        name=name, model=model, output=output, value_index=0, high=level, low=level, direction="above",
+        on_delay=1, severity=severity, kind="system", model_version=version, assets=assets,
+    )  # fmt: skip
 
 
 FLOOD = "flood"

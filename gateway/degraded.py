@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.alarms import INFERENCE_DEGRADED, AlarmEngine, AlarmEvent, AlarmRule
+from gateway.alarms import INFERENCE_DEGRADED, AlarmEngine, AlarmEvent, AlarmRule, system_rule
 
 if TYPE_CHECKING:
     from gateway.models import LoadedModel
@@ -48,21 +48,11 @@ def degraded_rules(models: Mapping[str, LoadedModel]) -> list[AlarmRule]:
     restored and can clear when the alarm is turned off.
     """
     return [
-        AlarmRule(
-            name=INFERENCE_DEGRADED,
-            model=degraded_model(name),
-            output="fallbacks",
-            value_index=0,
-            high=_THRESHOLD,
-            low=_THRESHOLD,
-            direction="above",
-            on_delay=1,
-            # Advisory: alarms still work, only slower or on the CPU.
-            severity="low",
-            kind="system",
-            model_version=model.manifest.version,
-            assets=frozenset(model.columns),
-        )
+        # Severity low, advisory: alarms still work, only slower or on the CPU.
+        system_rule(
+            INFERENCE_DEGRADED, model=degraded_model(name), output="fallbacks", level=_THRESHOLD,
+            severity="low", version=model.manifest.version, assets=frozenset(model.columns),
+        )  # fmt: skip
         for name, model in models.items()
     ]
 

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.alarms import FLOOD, AlarmRule
+from gateway.alarms import FLOOD, AlarmRule, system_rule
 from gateway.config import FloodConfig, GatewayConfig
 
 FLOOD_MODEL = "gateway:flood"
@@ -25,22 +25,11 @@ def flood_rules(cfg: GatewayConfig, rules: Sequence[AlarmRule], *, version: str)
     assets = frozenset(a for r in rules if r.kind != "system" for a in r.assets)
     if not cfg.flood.enabled or not assets:
         return []
-    limit = float(cfg.flood.max_alarms)
     return [
-        AlarmRule(
-            name=FLOOD,
-            model=FLOOD_MODEL,
-            output="onsets",
-            value_index=0,
-            high=limit,
-            low=limit,
-            direction="above",
-            on_delay=1,
-            severity=cfg.flood.severity,
-            kind="system",
-            model_version=version,
-            assets=assets,
-        )
+        system_rule(
+            FLOOD, model=FLOOD_MODEL, output="onsets", level=float(cfg.flood.max_alarms),
+            severity=cfg.flood.severity, version=version, assets=assets,
+        )  # fmt: skip
     ]
 
 
