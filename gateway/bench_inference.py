@@ -66,11 +66,6 @@ def demo_gateway_config() -> GatewayConfig:
     return GatewayConfig.model_validate(demo_config(opc_port=4840, mqtt_port=1883, db_path=Path("unused.db")))
 
 
-def output_names(manifest: ModelManifest) -> list[str]:
-    """The outputs the gateway asks a model for: its value output and, if any, its channel scores."""
-    return [manifest.output.name] + ([manifest.output.channel_scores] if manifest.output.channel_scores else [])
-
-
 async def gateway_stage(
     worker: InferenceWorker,
     backend: InferenceBackend,
@@ -152,7 +147,7 @@ async def measure_model(
     except ReferenceUnavailable as exc:
         ref_note, dense = f"skipped ({exc})", (False if exc.ops else None)
     normalizer = Normalizer(manifest)
-    outputs, input_name = output_names(manifest), manifest.input.name
+    outputs, input_name = manifest.output_names(), manifest.input.name
     shape = (manifest.input.window_length, len(manifest.input.channels))
     rng = np.random.default_rng(SEED)
     us: dict[str, dict[int, float]] = {}

@@ -67,6 +67,10 @@ class ModelManifest(_Frozen):
             raise ValueError("output.classes is required for class_probabilities")
         return self
 
+    def output_names(self) -> list[str]:
+        """The graph outputs a backend fetches: the value output and, when the model has them, its channel scores."""
+        return [self.output.name, *([self.output.channel_scores] if self.output.channel_scores else [])]
+
     def value_names(self) -> list[str]:
         """Names of the scalar values each window yields, which alarm rules refer to."""
         if self.output.kind == "class_probabilities":

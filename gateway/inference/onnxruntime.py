@@ -102,17 +102,10 @@ def check_signature(session: ort.InferenceSession, model_path: Path, manifest: M
     if channels is not None and channels != window[1]:
         raise ModelError(f"{where} model has {channels} channels, manifest lists {window[1]}")
     have = {o.name for o in session.get_outputs()}
-    missing = [o for o in _output_names(manifest) if o not in have]
+    missing = [o for o in manifest.output_names() if o not in have]
     if missing:
         raise ModelError(f"{where} no output(s) {missing}; the model has {sorted(have)}")
     return _fixed(spec.shape[0])
-
-
-def _output_names(manifest: ModelManifest) -> list[str]:
-    return [
-        manifest.output.name,
-        *([manifest.output.channel_scores] if manifest.output.channel_scores else []),
-    ]
 
 
 class OnnxRuntimeBackend:
@@ -136,7 +129,7 @@ class OnnxRuntimeBackend:
         self.session = session
         self._input = manifest.input.name
         self._window = (manifest.input.window_length, len(manifest.input.channels))
-        self._outputs = _output_names(manifest)
+        self._outputs = manifest.output_names()
         self._batch = check_signature(session, model_path, manifest)
         # Once, at load: describe() is called for status and `check`, and must not read the file again.
         self._sha256 = sha256 or file_sha256(model_path)

@@ -273,9 +273,7 @@ class TensorRtBackend:
         self._max_batch = profile.max_batch
         self._window = (profile.window_length, profile.channels)
         self._input = manifest.input.name
-        self._outputs = [manifest.output.name]
-        if manifest.output.channel_scores:
-            self._outputs.append(manifest.output.channel_scores)
+        self._outputs = manifest.output_names()
         with _tensorrt_errors(f"{prepared.path}: unsupported I/O tensors"):
             specs = {t.name: t for t in _tensor_specs(here.trt, prepared.engine)}
         self._check_signature(specs)
